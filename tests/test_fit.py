@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+import vipkg
+from vipkg.guides import FullRankNormal, LowRankNormal, MeanFieldNormal
+
+
+def test_full_rank_recovers_conjugate_posterior():
+    model = vipkg.models.linear_regression_conjugate(n=100, d=5)
+    guide = FullRankNormal(model)
+    steps = 3000
+    result = vipkg.fit(
+        model,
+        guide,
+        vipkg.Reparam(),
+        steps=steps,
+        lr=0.02,
+        num_particles=32,
+        progress=False,
+        scheduler=lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, 0.01 ** (1 / steps)),
+    )
+    mean, cov = model.reference["mean"], model.reference["cov"]
+    L = guide.scale_tril.detach()
+    mean_err = (guide.loc.detach() - mean).norm() / mean.norm()
+    cov_err = (L @ L.T - cov).norm() / cov.norm()
+    assert mean_err < 0.05, mean_err
+    assert cov_err < 0.05, cov_err
+    # The ELBO of the exact posterior equals the log evidence: the final loss is within MC noise of it.
+    assert abs(float(result.losses[-200:].mean()) + model.reference["log_evidence"]) < 0.1
+
+
+def test_fit_reaches_gaussian_target_each_family():
+    model = vipkg.models.gaussian(torch.tensor([1.0, -2.0, 0.5]), torch.diag(torch.tensor([1.0, 4.0, 0.25])))
+    for family in (MeanFieldNormal, FullRankNormal, lambda m: LowRankNormal(m, rank=1)):
+        guide = family(model)
+        vipkg.fit(model, guide, vipkg.Reparam(), steps=1500, lr=0.03, progress=False)
+        assert torch.allclose(guide.loc.detach(), model.reference["mean"], atol=0.1)
+
+
+def test_same_seed_same_losses_and_caller_rng_untouched():
+    model = vipkg.models.eight_schools()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(99)
+        before = torch.get_rng_state()
+        r = vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=60, seed=7, progress=False)
+        assert torch.equal(torch.get_rng_state(), before)
+        runs.append(r.losses)
+    assert torch.equal(runs[0], runs[1])
+    other = vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=60, seed=8, progress=False)
+    assert not torch.equal(other.losses, runs[0])
+
+
+def test_nan_loss_names_step_and_estimator():
+    calls = {"n": 0}
+
+    def density(x):
+        calls["n"] += 1
+        out = -0.5 * (x**2).sum(-1)
+        return out * float("nan") if calls["n"] == 38 else out
+
+    model = vipkg.Model.from_log_density(density, 2)
+    with pytest.raises(vipkg.NonFiniteLossError, match=r"step 37 with estimator Reparam\(\)"):
+        vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=100, progress=False)
+
+
+def test_fit_argument_validation():
+    model = vipkg.models.gaussian(dim=2)
+    guide = MeanFieldNormal(model)
+    with pytest.raises(ValueError, match="steps"):
+        vipkg.fit(model, guide, vipkg.Reparam(), steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        vipkg.fit(model, guide, vipkg.Reparam(), lr=-1.0)
+    with pytest.raises(ValueError, match="num_particles"):
+        vipkg.fit(model, guide, vipkg.Reparam(), num_particles=0)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        vipkg.fit(model, guide, vipkg.Reparam(), optimizer="lbfgs-ish")
+
+
+def test_optimizer_by_class_and_factory():
+    model = vipkg.models.gaussian(dim=2)
+    r1 = vipkg.fit(
+        model,
+        MeanFieldNormal(model),
+        vipkg.Reparam(),
+        steps=20,
+        optimizer=torch.optim.SGD,
+        lr=0.1,
+        progress=False,
+    )
+    r2 = vipkg.fit(
+        model,
+        MeanFieldNormal(model),
+        vipkg.Reparam(),
+        steps=20,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        progress=False,
+    )
+    assert torch.equal(r1.losses, r2.losses)
+
+
+def test_result_sample_and_timing():
+    model = vipkg.models.eight_schools()
+    r = vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=50, progress=False)
+    draws = r.sample(300)
+    assert set(draws) == {"mu", "tau", "theta_tilde"}
+    assert draws["theta_tilde"].shape == (300, 8)
+    assert bool((draws["tau"] > 0).all())
+    assert r.elapsed > 0 and r.ms_per_step > 0 and r.losses.shape == (50,)
+
+
+def test_progress_bar_runs(capsys):
+    model = vipkg.models.gaussian(dim=2)
+    vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=30, progress=True)
+    assert "Reparam" in capsys.readouterr().err
+
+
+def test_compile_matches_eager():
+    model = vipkg.models.logistic_regression("synthetic", n=200, d=5)
+    eager = vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=30, progress=False)
+    compiled = vipkg.fit(
+        model, MeanFieldNormal(model), vipkg.Reparam(), steps=30, progress=False, compile=True
+    )
+    assert torch.allclose(eager.losses, compiled.losses, rtol=1e-4, atol=1e-3)

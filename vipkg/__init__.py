@@ -1,0 +1,33 @@
+"""vipkg: variational inference in PyTorch with pluggable gradient estimators."""
+
+from vipkg import diagnostics, estimators, guides, models, objectives
+from vipkg.diagnostics import GradientVariance, to_arviz
+from vipkg.estimators import Estimator, IncompatibleEstimatorError, Reparam, StepInfo
+from vipkg.fit import FitResult, NonFiniteLossError, fit
+from vipkg.model import Model, ModelError, Site
+from vipkg.objectives import ELBO, IWAE, Renyi
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Model",
+    "Site",
+    "ModelError",
+    "fit",
+    "FitResult",
+    "NonFiniteLossError",
+    "ELBO",
+    "IWAE",
+    "Renyi",
+    "Estimator",
+    "StepInfo",
+    "IncompatibleEstimatorError",
+    "Reparam",
+    "GradientVariance",
+    "to_arviz",
+    "guides",
+    "estimators",
+    "objectives",
+    "diagnostics",
+    "models",
+]

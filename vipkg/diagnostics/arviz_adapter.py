@@ -1,0 +1,155 @@
+"""The one place vipkg talks to ArviZ.
+
+ArviZ 0.23 (Python 3.11) builds ``InferenceData`` from dicts of arrays;
+ArviZ >= 1.0 (Python >= 3.12) builds an xarray ``DataTree``. Everything else
+in vipkg goes through :func:`to_arviz`, :func:`from_dict` and :func:`psislw`
+so that the version split stays here.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+__all__ = ["to_arviz", "from_dict", "psislw", "ARVIZ_MAJOR"]
+
+
+def _arviz():
+    import arviz
+
+    return arviz
+
+
+def _major() -> int:
+    return int(_arviz().__version__.split(".")[0])
+
+
+ARVIZ_MAJOR = None  # resolved lazily: importing ArviZ is slow
+
+
+def _np(t) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        return t.detach().cpu().double().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+    return np.asarray(t)
+
+
+def from_dict(groups: dict[str, dict[str, np.ndarray]], dims=None, coords=None):
+    """``InferenceData`` (ArviZ 0.x) or ``DataTree`` (ArviZ 1.x) from ``{group: {var: array}}``.
+
+    Arrays in the groups ``posterior``, ``sample_stats`` and ``log_likelihood``
+    carry leading ``(chain, draw)`` dimensions; other groups are stored as given.
+    """
+    az = _arviz()
+    with warnings.catch_warnings():
+        # ArviZ warns about groups outside its schema (our optimisation trace) and
+        # about a single chain; both are intended.
+        warnings.simplefilter("ignore")
+        if _major() >= 1:  # pragma: no cover - needs Python >= 3.12
+            return az.from_dict(groups, dims=dims, coords=coords)
+        sampled = {k: v for k, v in groups.items() if k in ("posterior", "sample_stats", "log_likelihood")}
+        data = az.from_dict(
+            posterior=sampled.get("posterior"),
+            sample_stats=sampled.get("sample_stats"),
+            log_likelihood=sampled.get("log_likelihood"),
+            observed_data=groups.get("observed_data"),
+            dims=dims,
+            coords=coords,
+        )
+        import xarray as xr
+
+        for name, variables in groups.items():
+            if name in sampled or name == "observed_data" or not variables:
+                continue
+            ds = xr.Dataset({k: _as_dataarray(v) for k, v in variables.items()})
+            data.add_groups({name: ds})
+        return data
+
+
+def _as_dataarray(v):
+    import xarray as xr
+
+    if isinstance(v, xr.DataArray):
+        return v
+    return xr.DataArray(np.asarray(v))
+
+
+def psislw(log_weights: np.ndarray):
+    """Pareto-smoothed log importance weights and the tail shape estimate k-hat.
+
+    References
+    ----------
+    .. [1] Vehtari, A., Simpson, D., Gelman, A., Yao, Y., Gabry, J. "Pareto Smoothed
+       Importance Sampling". JMLR 25 (2024).
+    """
+    az = _arviz()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if _major() >= 1:  # pragma: no cover - needs Python >= 3.12
+            import arviz_stats
+
+            lw, k = arviz_stats.psislw(np.asarray(log_weights))
+            return np.asarray(lw), float(k)
+        lw, k = az.psislw(np.asarray(log_weights, dtype=float))
+        return np.asarray(lw), float(k)
+
+
+@torch.no_grad()
+def to_arviz(result, n: int = 1000, seed: int | None = 0):
+    """A :class:`~vipkg.fit.FitResult` as ArviZ data.
+
+    Groups: ``posterior`` (``n`` guide draws as named constrained sites, one chain),
+    ``sample_stats`` (``log_p``, ``log_q``, ``log_weight`` per draw),
+    ``log_likelihood`` (when the model has per-datum terms), ``observed_data``
+    (when known) and ``optimization`` (loss per step, gradient variance per
+    recorded step, elapsed seconds, estimator name).
+    """
+    from vipkg.fit import _seeded
+
+    model, guide = result.model, result.guide
+    with _seeded(seed, guide):
+        z, log_q = guide.sample_and_log_prob((n,))
+    log_p = guide.log_joint(model, z)
+    latents = guide.constrain(model, z)
+    posterior = {k: _np(v)[None] for k, v in latents.items()}
+    stats = {
+        "log_p": _np(log_p)[None],
+        "log_q": _np(log_q)[None],
+        "log_weight": _np(log_p - log_q)[None],
+    }
+    groups = {"posterior": posterior, "sample_stats": stats}
+    pointwise = model.pointwise_log_likelihood(latents)
+    if pointwise:
+        groups["log_likelihood"] = {k: _np(v)[None] for k, v in pointwise.items()}
+    if getattr(model, "observed", None):
+        groups["observed_data"] = {k: _np(v) for k, v in model.observed.items()}
+    groups["optimization"] = _optimization_group(result)
+    return from_dict(groups)
+
+
+def _optimization_group(result) -> dict:
+    import xarray as xr
+
+    losses = _np(result.losses)
+    out = {
+        "loss": xr.DataArray(losses, dims=["step"], coords={"step": np.arange(len(losses))}),
+        "elapsed": xr.DataArray(np.float64(result.elapsed)),
+        "estimator": xr.DataArray(np.str_(result.estimator.name)),
+        "objective": xr.DataArray(np.str_(repr(result.objective))),
+    }
+    diag = result.diagnostics or {}
+    if diag.get("gradient_variance"):
+        steps = np.asarray(diag["steps"])
+        gv = diag["gradient_variance"]
+        out["grad_trace"] = xr.DataArray(
+            np.array([g.total_trace for g in gv]), dims=["diag_step"], coords={"diag_step": steps}
+        )
+        out["grad_mean_snr"] = xr.DataArray(
+            np.array([g.mean_snr for g in gv]), dims=["diag_step"], coords={"diag_step": steps}
+        )
+        for name in gv[0].trace:
+            out[f"grad_trace__{name}"] = xr.DataArray(
+                np.array([g.trace[name] for g in gv]), dims=["diag_step"], coords={"diag_step": steps}
+            )
+    return out

@@ -1,0 +1,315 @@
+"""The fitting loop: estimator steps on device, host reads only every few steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from vipkg.objectives import ELBO, Objective
+
+__all__ = ["fit", "FitResult", "NonFiniteLossError"]
+
+OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite during a fit."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes
+    ----------
+    model, guide, estimator, objective
+        The fitted guide is trained in place; ``model`` is on the fit's device.
+    losses : Tensor
+        ``[steps]`` loss per step, on the CPU.
+    elapsed : float
+        Wall-clock seconds of the optimisation loop (diagnostics excluded).
+    diagnostics : dict
+        ``{"steps": [...], "gradient_variance": [GradientVarianceResult, ...]}`` when
+        ``fit(diagnostics=GradientVariance(...))`` was given.
+    num_particles : int
+    """
+
+    model: Any
+    guide: Any
+    estimator: Any
+    objective: Objective
+    losses: torch.Tensor
+    elapsed: float
+    diagnostics: dict
+    num_particles: int
+
+    @property
+    def steps(self) -> int:
+        return int(self.losses.shape[0])
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.elapsed / max(self.steps, 1)
+
+    @torch.no_grad()
+    def sample(self, n: int = 1000, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """``n`` draws from the fitted guide as named constrained sites ``{site: Tensor[n, *shape]}``."""
+        with _seeded(seed, self.guide):
+            z = self.guide().sample((n,))
+        return {k: v.detach() for k, v in self.guide.constrain(self.model, z).items()}
+
+    def to_arviz(self, n: int = 1000, seed: int | None = 0):
+        """The fit as ArviZ ``InferenceData`` (see :func:`vipkg.diagnostics.to_arviz`)."""
+        from vipkg.diagnostics.arviz_adapter import to_arviz
+
+        return to_arviz(self, n, seed=seed)
+
+
+class _seeded:
+    """Fork the torch RNG and seed it, so that the caller's stream is untouched."""
+
+    def __init__(self, seed, guide=None):
+        self.seed = seed
+        dev = None
+        if guide is not None:
+            p = next(guide.parameters(), None)
+            dev = p.device if p is not None else None
+        self.devices = [dev] if dev is not None and dev.type == "cuda" else []
+
+    def __enter__(self):
+        if self.seed is None:
+            return
+        self._ctx = torch.random.fork_rng(devices=self.devices)
+        self._ctx.__enter__()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        if self.seed is not None:
+            return self._ctx.__exit__(*exc)
+
+
+def _make_optimizer(optimizer, params, lr):
+    if isinstance(optimizer, str):
+        try:
+            cls = OPTIMIZERS[optimizer.lower()]
+        except KeyError:
+            raise ValueError(
+                f"unknown optimizer {optimizer!r}; use one of {sorted(OPTIMIZERS)} or a torch.optim class."
+            ) from None
+        return cls(params, lr=lr)
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        return optimizer(params, lr=lr)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    if callable(optimizer):
+        return optimizer(params)
+    raise TypeError(f"optimizer must be a name, a torch.optim class or a factory, got {optimizer!r}.")
+
+
+def _progress_enabled(progress) -> bool:
+    if progress is not None:
+        return bool(progress)
+    if os.environ.get("CI"):
+        return False
+    try:  # a notebook kernel has no tty but wants a bar
+        shell = get_ipython().__class__.__name__  # type: ignore[name-defined]  # noqa: F821
+        if shell == "ZMQInteractiveShell":
+            return True
+    except NameError:
+        pass
+    return sys.stderr.isatty()
+
+
+def _compiled(step_fn):
+    # fallback_random keeps the draws identical to eager steps with the same seed,
+    # so compile=True changes speed, not the trajectory.
+    compiled = torch.compile(step_fn, options={"fallback_random": True})
+    state = {"fn": compiled}
+
+    def run():
+        try:
+            return state["fn"]()
+        except Exception as err:  # compile failures surface on first call
+            if state["fn"] is step_fn:
+                raise
+            warnings.warn(
+                f"compile=True failed ({type(err).__name__}: {err}); falling back to eager steps.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            state["fn"] = step_fn
+            return step_fn()
+
+    return run
+
+
+def fit(
+    model,
+    guide,
+    estimator,
+    *,
+    objective: Objective | None = None,
+    steps: int = 2000,
+    num_particles: int = 16,
+    optimizer="adam",
+    lr: float = 1e-2,
+    scheduler=None,
+    seed: int = 0,
+    device=None,
+    compile: bool = False,
+    diagnostics=None,
+    checkpoint=None,
+    checkpoint_every: int = 500,
+    progress: bool | None = None,
+    check_every: int = 50,
+) -> FitResult:
+    """Fit ``guide`` to ``model`` with gradient ``estimator``.
+
+    Parameters
+    ----------
+    model : vipkg.Model
+    guide : vipkg.guides.Guide
+        Trained in place (and moved to ``device``).
+    estimator : vipkg.estimators.Estimator
+    objective : Objective, optional
+        Default :class:`~vipkg.objectives.ELBO`.
+    steps : int
+    num_particles : int
+        Groups of draws per step (each of ``objective.k`` draws).
+    optimizer : str, torch.optim.Optimizer class or factory
+        ``"adam"``, ``"adamw"``, ``"sgd"``, ``"adagrad"``, ``"rmsprop"``, a class
+        (called with ``lr``) or ``params -> Optimizer``.
+    lr : float
+    scheduler : callable, optional
+        ``optimizer -> torch.optim.lr_scheduler.LRScheduler``, stepped once per step
+        (e.g. ``lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.999)``).
+    seed : int
+        Seeds a forked torch RNG; the caller's RNG is left as it was.
+    device : str or torch.device, optional
+        Where to run; default the guide's device.
+    compile : bool
+        Compile the whole step with ``torch.compile`` (falls back to eager, with a
+        warning, when compilation fails).
+    diagnostics : GradientVariance, optional
+        Record gradient variance during the fit.
+    checkpoint, checkpoint_every
+        Reserved for atomic checkpoints; not implemented yet (an error if given).
+    progress : bool, optional
+        tqdm bar; default on for a terminal or notebook, off under CI.
+    check_every : int
+        Steps between host reads of the losses (NaN checks, progress updates).
+
+    Returns
+    -------
+    FitResult
+
+    Raises
+    ------
+    NonFiniteLossError
+        When a loss is NaN or infinite, naming the step and the estimator.
+
+    References
+    ----------
+    .. [1] Ranganath, R., Gerrish, S., Blei, D. M. "Black Box Variational Inference".
+       AISTATS (2014).
+    """
+    objective = objective or ELBO()
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}.")
+    objective.sample_shape(num_particles)  # validates num_particles
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}.")
+    if checkpoint is not None:
+        raise NotImplementedError("checkpoints are not implemented yet (see the reliability issue).")
+    if device is not None:
+        guide.to(device)
+    device = guide.device
+    model = model.to(device=device, dtype=guide.dtype)
+    estimator.check(model, guide, objective)
+    opt = _make_optimizer(optimizer, list(guide.parameters()), lr)
+    sched = scheduler(opt) if scheduler is not None else None
+
+    def step_fn():
+        return estimator.step(model, guide, objective, num_particles, opt).loss
+
+    step = _compiled(step_fn) if compile else step_fn
+    losses = torch.empty(steps, device=device, dtype=guide.dtype)
+    diag: dict = {}
+    if diagnostics is not None:
+        diag = {"steps": [], "gradient_variance": []}
+
+    def record(i):
+        diag["steps"].append(i)
+        diag["gradient_variance"].append(
+            diagnostics.measure(model, guide, estimator, objective, num_particles, seed=seed * 1_000_003 + i)
+        )
+
+    bar = None
+    if _progress_enabled(progress):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"{estimator.name}", leave=False)
+    elapsed = 0.0
+    try:
+        with _seeded(seed, guide):
+            start = 0
+            while start < steps:
+                stop = min(start + check_every, steps)
+                if diagnostics is not None:
+                    for i in range(start, stop):
+                        if i % diagnostics.every == 0:
+                            record(i)
+                _sync(device)
+                t0 = time.perf_counter()
+                for i in range(start, stop):
+                    losses[i] = step()
+                    if sched is not None:
+                        sched.step()
+                chunk = losses[start:stop]
+                finite = torch.isfinite(chunk)
+                ok = bool(finite.all())  # the one host read per chunk
+                elapsed += time.perf_counter() - t0
+                if not ok:
+                    first = start + int((~finite).nonzero()[0, 0])
+                    raise NonFiniteLossError(
+                        f"the loss became {float(losses[first])} at step {first} with estimator "
+                        f"{estimator!r}, guide {type(guide).__name__}, objective {objective!r}, "
+                        f"model {model.name!r}. Check the log density for NaN/inf over the guide's "
+                        "support, lower lr, or use more particles."
+                    )
+                if bar is not None:
+                    bar.update(stop - start)
+                    bar.set_postfix(loss=f"{float(chunk[-1]):.4g}")
+                start = stop
+            if diagnostics is not None:
+                record(steps)
+    finally:
+        if bar is not None:
+            bar.close()
+    return FitResult(
+        model=model,
+        guide=guide,
+        estimator=estimator,
+        objective=objective,
+        losses=losses.detach().cpu(),
+        elapsed=elapsed,
+        diagnostics=diag,
+        num_particles=num_particles,
+    )
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

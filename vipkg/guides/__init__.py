@@ -1,0 +1,6 @@
+"""Variational families: ``torch.nn.Module`` subclasses whose call returns a Distribution."""
+
+from vipkg.guides.base import Guide
+from vipkg.guides.gaussian import FullRankNormal, LowRankNormal, MeanFieldNormal
+
+__all__ = ["Guide", "MeanFieldNormal", "FullRankNormal", "LowRankNormal"]

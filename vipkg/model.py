@@ -1,0 +1,317 @@
+"""Models: a batched log joint over named latent sites.
+
+A :class:`Model` is the only thing estimators see of a probabilistic program.
+It is a small immutable value: the latent sites with their shapes and supports,
+a function ``log_joint(latents, data) -> Tensor[S]`` and the data it closes over.
+Keeping the data out of the closure is what lets :meth:`Model.to` move a model
+to another device or dtype without the user rewriting anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch.distributions import biject_to, constraints
+from torch.distributions.transforms import Transform
+
+__all__ = ["Model", "Site", "ModelError"]
+
+LogJointFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
+
+
+class ModelError(ValueError):
+    """A model, its data or a log density does not fit what vipkg expects."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One latent site: its shape per particle and its support.
+
+    Parameters
+    ----------
+    shape : torch.Size
+        Shape of one draw of the site, without the particle dimension.
+    support : torch.distributions.constraints.Constraint
+        Where the site lives (``real``, ``positive``, ``simplex`` ...).
+    """
+
+    shape: torch.Size
+    support: constraints.Constraint = constraints.real
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_discrete(self) -> bool:
+        return bool(getattr(self.support, "is_discrete", False))
+
+
+def _check_data(data: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in data.items():
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(value)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(
+                f"data argument {name!r} has {bad} NaN or infinite value(s) out of "
+                f"{value.numel()}; vipkg needs finite data (drop or impute those entries)."
+            )
+        out[name] = value
+    return out
+
+
+def _is_real(support: constraints.Constraint) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return isinstance(support, constraints._Real)
+
+
+class Model:
+    """A probabilistic model as a batched log joint over named latent sites.
+
+    Parameters
+    ----------
+    sites : mapping of str to Site
+        The latent sites, in a fixed order (this order defines the flat
+        unconstrained vector).
+    log_joint_fn : callable
+        ``log_joint_fn(latents, data) -> Tensor[S]`` where every latent value has
+        a leading particle dimension ``S``; returns log p(x, z) per particle,
+        summed over data (scaled by N / batch when minibatching).
+    data : mapping of str to Tensor, optional
+        Observed data and constants; moved by :meth:`to`. Checked for NaN/inf.
+    name : str, optional
+        Shown in reports and errors.
+    reference : dict, optional
+        A known answer (exact posterior mean / covariance, ...) for tests and plots.
+    pointwise_log_likelihood : callable, optional
+        ``fn(latents, data) -> dict[name, Tensor[S, N]]`` per-datum log likelihoods
+        (for ``arviz.loo``).
+    pyro_model : tuple, optional
+        ``(fn, args, kwargs)`` of an equivalent Pyro program, when there is one.
+    observed : mapping of str to Tensor, optional
+        Observed values by site name, for ArviZ's ``observed_data`` group.
+
+    Notes
+    -----
+    The unconstrained view maps each site through
+    ``torch.distributions.biject_to(site.support)`` and concatenates the
+    flattened results into ``Tensor[S, dim]``; :meth:`log_joint_unconstrained`
+    adds the log absolute determinant of that map so that a density over the
+    unconstrained vector is a proper density (Kucukelbir et al. 2017).
+
+    References
+    ----------
+    .. [1] Kucukelbir, A., Tran, D., Ranganath, R., Gelman, A., Blei, D. M.
+       "Automatic Differentiation Variational Inference". JMLR 18 (2017).
+    """
+
+    def __init__(
+        self,
+        sites: Mapping[str, Site],
+        log_joint_fn: LogJointFn,
+        *,
+        data: Mapping[str, Any] | None = None,
+        name: str = "model",
+        reference: dict[str, Any] | None = None,
+        pointwise_log_likelihood: Callable | None = None,
+        pyro_model: tuple | None = None,
+        observed: Mapping[str, torch.Tensor] | None = None,
+    ):
+        if not sites:
+            raise ModelError(f"model {name!r} has no latent sites; there is nothing to infer.")
+        self.sites: dict[str, Site] = {k: Site(torch.Size(s.shape), s.support) for k, s in sites.items()}
+        self._fn = log_joint_fn
+        self.data = _check_data(data or {})
+        self.name = name
+        self.reference = reference or {}
+        self.pointwise_log_likelihood_fn = pointwise_log_likelihood
+        self.pyro_model = pyro_model
+        self.observed = dict(observed or {})
+        self._transforms: dict[str, Transform] = {}
+        self._ushapes: dict[str, torch.Size] = {}
+        for k, s in self.sites.items():
+            if s.is_discrete:
+                # Discrete sites have no unconstrained view; only guides over named
+                # sites (and score-function estimators) can handle them.
+                continue
+            t = biject_to(s.support)
+            self._transforms[k] = t
+            self._ushapes[k] = torch.Size(t.inverse_shape(s.shape))
+        self._real = {k: _is_real(s.support) for k, s in self.sites.items()}
+        # All-real models (the common case) skip the transform machinery in the hot path.
+        self._identity = all(self._real.values())
+        self._split = [math.prod(self._ushapes[k]) for k in self._ushapes]
+
+    # ------------------------------------------------------------------ basics
+    def __repr__(self) -> str:
+        sites = ", ".join(f"{k}: {tuple(s.shape)} {s.support}" for k, s in self.sites.items())
+        return f"Model({self.name!r}, sites={{{sites}}}, dim={self.dim if self.is_continuous else 'n/a'})"
+
+    @property
+    def is_continuous(self) -> bool:
+        return not any(s.is_discrete for s in self.sites.values())
+
+    @property
+    def dim(self) -> int:
+        """Length of the flat unconstrained latent vector."""
+        self._require_continuous("dim")
+        return sum(self._split)
+
+    def _require_continuous(self, what: str) -> None:
+        if not self.is_continuous:
+            discrete = [k for k, s in self.sites.items() if s.is_discrete]
+            raise ModelError(
+                f"model {self.name!r} has discrete site(s) {discrete}; `{what}` needs every site "
+                "continuous. Use a guide over named sites with a score-function estimator."
+            )
+
+    def to(self, device=None, dtype=None) -> Model:
+        """A copy of the model with floating data on ``device`` / ``dtype``."""
+        data = {}
+        for k, v in self.data.items():
+            v = v.to(device=device)
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+            data[k] = v
+        new = object.__new__(Model)
+        new.__dict__.update(self.__dict__)
+        new.data = data
+        return new
+
+    # --------------------------------------------------------------- log joint
+    def log_joint(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """log p(x, z) per particle for constrained latents ``{site: Tensor[S, *shape]}``."""
+        out = self._fn(dict(latents), self.data)
+        first = next(iter(latents.values()))
+        S = first.shape[0]
+        if out.shape != (S,):
+            raise ModelError(
+                f"the log joint of model {self.name!r} returned shape {tuple(out.shape)}, "
+                f"expected ({S},): one value per particle (the leading dimension of the latents), "
+                "summed over data and event dimensions."
+            )
+        return out
+
+    def log_joint_unconstrained(self, u: torch.Tensor) -> torch.Tensor:
+        """log p(x, T(u)) + log |det dT/du| per particle for ``u: Tensor[S, dim]``."""
+        if self._identity:
+            return self.log_joint(self.constrain(u))
+        latents, ladj = self._constrain_with_ladj(u)
+        return self.log_joint(latents) + ladj
+
+    # ------------------------------------------------------ unconstrained view
+    def _check_flat(self, u: torch.Tensor) -> None:
+        if u.dim() != 2 or u.shape[-1] != self.dim:
+            raise ModelError(
+                f"model {self.name!r} expects unconstrained latents of shape [S, {self.dim}], "
+                f"got {tuple(u.shape)}."
+            )
+
+    def constrain(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Map ``u: Tensor[S, dim]`` to named constrained sites ``{site: Tensor[S, *shape]}``."""
+        return self._constrain_with_ladj(u, with_ladj=False)[0]
+
+    def _constrain_with_ladj(self, u: torch.Tensor, with_ladj: bool = True):
+        self._check_flat(u)
+        S = u.shape[0]
+        parts = u.split(self._split, dim=-1) if len(self._split) > 1 else (u,)
+        latents: dict[str, torch.Tensor] = {}
+        ladj = u.new_zeros(S) if with_ladj else None
+        for (name, t), part in zip(self._transforms.items(), parts):
+            v = part.reshape(S, *self._ushapes[name])
+            if self._identity:
+                latents[name] = v
+                continue
+            if self._real[name]:
+                latents[name] = v
+                continue
+            x = t(v)
+            latents[name] = x
+            if with_ladj:
+                ladj = ladj + t.log_abs_det_jacobian(v, x).reshape(S, -1).sum(-1)
+        return latents, ladj
+
+    def unconstrain(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Map named constrained sites ``{site: Tensor[S, *shape]}`` to ``Tensor[S, dim]``."""
+        self._require_continuous("unconstrain")
+        missing = set(self._transforms) - set(latents)
+        if missing:
+            raise ModelError(f"unconstrain: missing site(s) {sorted(missing)} of model {self.name!r}.")
+        pieces = []
+        for name, t in self._transforms.items():
+            x = latents[name]
+            S = x.shape[0]
+            pieces.append(t.inv(x).reshape(S, -1))
+        return torch.cat(pieces, dim=-1)
+
+    def pointwise_log_likelihood(self, latents: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-datum log likelihoods ``{observed: Tensor[S, N]}``; empty when the model has none."""
+        if self.pointwise_log_likelihood_fn is None:
+            return {}
+        return self.pointwise_log_likelihood_fn(dict(latents), self.data)
+
+    # -------------------------------------------------------------- front-ends
+    @classmethod
+    def from_log_density(
+        cls,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        dim: int,
+        support: constraints.Constraint = constraints.real,
+        *,
+        name: str = "log_density",
+        site: str = "x",
+    ) -> Model:
+        """A model from a plain log density over a vector.
+
+        Parameters
+        ----------
+        fn : callable
+            Maps ``Tensor[S, dim]`` (in the space given by ``support``) to ``Tensor[S]``.
+        dim : int
+            Length of the vector.
+        support : Constraint
+            Support of the vector (``real`` by default; ``positive``, ``simplex`` ...).
+            With a non-real support the unconstrained view adds the log-Jacobian.
+        site : str
+            Name of the single latent site.
+        """
+        if not isinstance(dim, int) or dim < 1:
+            raise ModelError(f"from_log_density: dim must be a positive int, got {dim!r}.")
+        shape = torch.Size([dim])
+
+        def log_joint(latents, data):
+            return fn(latents[site])
+
+        return cls({site: Site(shape, support)}, log_joint, name=name)
+
+    @classmethod
+    def from_pyro(cls, fn: Callable, *args, name: str | None = None, **kwargs) -> Model:
+        """A model from any Pyro program with continuous latent sites.
+
+        The program is traced once to find its latent sites (name, shape, support)
+        and its observed sites. Particles are vectorized by running the program
+        under an outer ``pyro.plate`` left of every plate it uses, conditioned on
+        the latent values, so there is no Python loop over particles.
+
+        Parameters
+        ----------
+        fn : callable
+            A Pyro model. Observed values come in through ``obs=`` or arguments.
+        *args, **kwargs
+            Passed to ``fn`` on every call. Tensor arguments are checked for NaN/inf.
+
+        References
+        ----------
+        .. [1] Bingham, E. et al. "Pyro: Deep Universal Probabilistic Programming".
+           JMLR 20 (2019).
+        """
+        from vipkg._pyro import pyro_model
+
+        return pyro_model(cls, fn, args, kwargs, name=name or getattr(fn, "__name__", "pyro_model"))

@@ -1,0 +1,20 @@
+"""The model zoo: each function returns a :class:`vipkg.Model`; data bundled or synthetic.
+
+Every model exists as a fast hand-written batched log density (``form="tensor"``,
+the default) and as a Pyro program (``form="pyro"``); the tests check they agree.
+"""
+
+from vipkg.models.eight_schools import eight_schools
+from vipkg.models.gaussians import funnel, gaussian, linear_regression_conjugate
+from vipkg.models.logistic import logistic_regression
+
+#: name -> constructor, for the CLI and the zoo-wide tests
+ZOO = {
+    "logistic_regression": logistic_regression,
+    "eight_schools": eight_schools,
+    "gaussian": gaussian,
+    "funnel": funnel,
+    "linear_regression_conjugate": linear_regression_conjugate,
+}
+
+__all__ = ["ZOO", "logistic_regression", "eight_schools", "gaussian", "funnel", "linear_regression_conjugate"]

@@ -1,0 +1,116 @@
+"""Variational bounds over log-weights ``[S, K]``.
+
+``S`` independent groups of ``K`` importance samples each; every objective maps
+the log-weights ``log p(x, z) - log q(z)`` to an estimate of its bound on
+``log p(x)``. The loss handed to optimizers is always minus that bound, in nats,
+for the full data set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["Objective", "ELBO", "IWAE", "Renyi"]
+
+
+class Objective:
+    """A bound on ``log p(x)`` estimated from log-weights ``[S, K]``."""
+
+    #: inner importance samples per group
+    k: int = 1
+
+    def sample_shape(self, num_particles: int) -> tuple[int, int]:
+        """``(S, K)``: ``num_particles`` groups of ``k`` draws each."""
+        if not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(f"num_particles must be a positive int, got {num_particles!r}.")
+        return num_particles, self.k
+
+    def per_group(self, log_weights: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The bound estimated from each group: ``[S, K] -> [S]``."""
+        raise NotImplementedError
+
+    def __call__(self, log_weights: torch.Tensor) -> torch.Tensor:
+        """The bound, averaged over groups: ``[S, K] -> scalar``."""
+        return self.per_group(log_weights).mean()
+
+    def __repr__(self) -> str:
+        return type(self).__name__ + "()"
+
+
+class ELBO(Objective):
+    """The evidence lower bound ``E_q[log p(x, z) - log q(z)]``.
+
+    References
+    ----------
+    .. [1] Jordan, M. I., Ghahramani, Z., Jaakkola, T. S., Saul, L. K. "An
+       Introduction to Variational Methods for Graphical Models". Machine
+       Learning 37 (1999).
+    """
+
+    def per_group(self, log_weights):
+        return log_weights.mean(-1)
+
+
+class IWAE(Objective):
+    """The importance-weighted bound ``E[log (1/k) sum_i w_i]``; tighter as ``k`` grows.
+
+    Parameters
+    ----------
+    k : int
+        Importance samples per bound estimate (``k = 1`` is the ELBO).
+
+    References
+    ----------
+    .. [1] Burda, Y., Grosse, R., Salakhutdinov, R. "Importance Weighted
+       Autoencoders". ICLR (2016).
+    """
+
+    def __init__(self, k: int = 8):
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"IWAE needs k >= 1 importance samples (an int), got {k!r}.")
+        self.k = k
+
+    def per_group(self, log_weights):
+        return torch.logsumexp(log_weights, dim=-1) - math.log(log_weights.shape[-1])
+
+    def __repr__(self):
+        return f"IWAE(k={self.k})"
+
+
+class Renyi(Objective):
+    """The variational Rényi bound ``1/(1-alpha) log E[w^(1-alpha)]`` with ``k`` samples.
+
+    ``alpha = 0`` is the IWAE bound, ``alpha -> 1`` the ELBO; ``alpha < 0`` gives
+    an upper-bound-seeking, mass-covering objective.
+
+    Parameters
+    ----------
+    alpha : float
+        Order of the divergence (``alpha != 1``; use :class:`ELBO` for 1).
+    k : int
+        Importance samples per estimate.
+
+    References
+    ----------
+    .. [1] Li, Y., Turner, R. E. "Rényi Divergence Variational Inference".
+       NeurIPS (2016).
+    """
+
+    def __init__(self, alpha: float = 0.5, k: int = 8):
+        alpha = float(alpha)
+        if not math.isfinite(alpha) or alpha == 1.0:
+            raise ValueError(
+                f"Renyi needs a finite alpha != 1 (alpha = 1 is the ELBO: use ELBO()), got {alpha}."
+            )
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"Renyi needs k >= 1 importance samples (an int), got {k!r}.")
+        self.alpha, self.k = alpha, k
+
+    def per_group(self, log_weights):
+        a = 1.0 - self.alpha
+        return (torch.logsumexp(a * log_weights, dim=-1) - math.log(log_weights.shape[-1])) / a
+
+    def __repr__(self):
+        return f"Renyi(alpha={self.alpha}, k={self.k})"
