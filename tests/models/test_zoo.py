@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+import vipkg
+from vipkg.guides import MeanFieldNormal
+from vipkg.models import ZOO
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_tensor_and_pyro_forms_agree(name):
+    a = ZOO[name](form="tensor", dtype=torch.float64)
+    b = ZOO[name](form="pyro", dtype=torch.float64)
+    assert list(a.sites) == list(b.sites)
+    assert {k: s.shape for k, s in a.sites.items()} == {k: s.shape for k, s in b.sites.items()}
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(6, a.dim, generator=g, dtype=torch.float64)
+    # rtol 1e-7: Pyro builds scalar hyper-parameters such as HalfCauchy(5.0) as float32
+    # tensors, which costs ~1e-9 relative even in a float64 run.
+    assert torch.allclose(a.log_joint_unconstrained(u), b.log_joint_unconstrained(u), rtol=1e-7, atol=1e-8)
+    pa, pb = a.pointwise_log_likelihood(a.constrain(u)), b.pointwise_log_likelihood(b.constrain(u))
+    assert set(pa) == set(pb)
+    for k in pa:
+        assert torch.allclose(pa[k], pb[k], atol=1e-8)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("form", ["tensor", "pyro"])
+def test_every_model_fits_ten_steps(name, form):
+    model = ZOO[name](form=form)
+    r = vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=10, progress=False)
+    assert torch.isfinite(r.losses).all()
+
+
+def test_minibatch_log_joint_is_unbiased():
+    full = vipkg.models.logistic_regression("synthetic", n=400, d=4, dtype=torch.float64)
+    mini = vipkg.models.logistic_regression("synthetic", n=400, d=4, batch_size=40, dtype=torch.float64)
+    u = torch.randn(3, full.dim, dtype=torch.float64)
+    exact = full.log_joint_unconstrained(u)
+    draws = torch.stack([mini.log_joint_unconstrained(u) for _ in range(3000)])
+    se = draws.std(0) / 3000**0.5
+    assert ((draws.mean(0) - exact).abs() < 4 * se).all()
+    mini_pyro = vipkg.models.logistic_regression(
+        "synthetic", n=400, d=4, batch_size=40, form="pyro", dtype=torch.float64
+    )
+    draws = torch.stack([mini_pyro.log_joint_unconstrained(u) for _ in range(1000)])
+    assert ((draws.mean(0) - exact).abs() < 4 * draws.std(0) / 1000**0.5).all()
+
+
+def test_breast_cancer_is_bundled_and_standardized():
+    model = vipkg.models.logistic_regression("breast_cancer")
+    X = model.data["X"]
+    assert X.shape == (569, 30)
+    assert torch.allclose(X.mean(0), torch.zeros(30), atol=1e-5)
+
+
+def test_reference_answers():
+    lr = vipkg.models.linear_regression_conjugate(n=50, d=3, dtype=torch.float64)
+    # The exact posterior is where the log joint's gradient vanishes.
+    w = lr.reference["mean"].clone().requires_grad_()
+    (g,) = torch.autograd.grad(lr.log_joint({"w": w[None]}).sum(), w)
+    assert g.abs().max() < 1e-8
+    # log evidence = log p(x, w) - log p(w | x) at any w
+    w0 = torch.zeros(1, 3, dtype=torch.float64)
+    post = torch.distributions.MultivariateNormal(lr.reference["mean"], lr.reference["cov"])
+    assert torch.allclose(
+        lr.log_joint({"w": w0}) - post.log_prob(w0),
+        torch.tensor([lr.reference["log_evidence"]], dtype=torch.float64),
+    )
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: vipkg.models.logistic_regression("mnist"), "unknown dataset"),
+        (lambda: vipkg.models.logistic_regression(form="stan"), "form"),
+        (lambda: vipkg.models.funnel(1), "dim >= 2"),
+        (
+            lambda: vipkg.models.gaussian(torch.zeros(2), torch.tensor([[1.0, 2.0], [2.0, 1.0]])),
+            "positive definite",
+        ),
+        (lambda: vipkg.models.logistic_regression("breast_cancer", batch_size=10_000), "larger than"),
+    ],
+)
+def test_bad_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -1,0 +1,69 @@
+import io
+import subprocess
+import sys
+
+import arviz as az
+
+from vipkg.cli import compare, main
+
+
+def test_compare_writes_table_netcdf_and_plot(tmp_path):
+    stream = io.StringIO()
+    rows = compare(
+        "eight_schools",
+        steps=40,
+        num_particles=4,
+        repeats=4,
+        eval_draws=200,
+        out=tmp_path,
+        progress=False,
+        stream=stream,
+    )
+    assert [r["estimator"] for r in rows][:2] == ["reparam-meanfield-elbo", "reparam-fullrank-elbo"]
+    for r in rows:
+        assert r["ms_per_step"] > 0 and r["grad_trace_var"] > 0 and r["loss_se"] > 0
+    table = (tmp_path / "compare.md").read_text()
+    assert "| reparam-fullrank-iwae8 |" in table
+    idata = az.from_netcdf(str(tmp_path / "compare.nc"))
+    assert "posterior" in idata.groups() and "compare" in idata.groups()
+    assert (tmp_path / "loss_traces.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_cli_models_lists_zoo(capsys):
+    assert main(["models"]) == 0
+    assert "eight_schools" in capsys.readouterr().out
+
+
+def test_cli_entry_point_runs_as_module(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vipkg",
+            "compare",
+            "--model",
+            "gaussian",
+            "--steps",
+            "20",
+            "--num-particles",
+            "2",
+            "--repeats",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "reparam-meanfield-elbo" in out.stdout
+
+
+def test_cli_rejects_bad_arguments():
+    out = subprocess.run(
+        [sys.executable, "-m", "vipkg", "compare", "--steps", "0"], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "--steps" in out.stderr
