@@ -15,7 +15,7 @@ import torch
 
 from vipkg._io import atomic_save, atomic_write_bytes
 
-__all__ = ["main", "compare", "CONFIGS"]
+__all__ = ["main", "compare", "Config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +39,6 @@ def _configs():
         Config("reparam-meanfield-iwae8", MeanFieldNormal, vipkg.Reparam, lambda: vipkg.IWAE(8)),
         Config("reparam-fullrank-iwae8", FullRankNormal, vipkg.Reparam, lambda: vipkg.IWAE(8)),
     ]
-
-
-CONFIGS = _configs
 
 
 @torch.no_grad()

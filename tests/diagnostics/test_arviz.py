@@ -52,3 +52,18 @@ def test_loo_runs_on_export():
     idata = _fit().to_arviz(300)
     loo = az.loo(idata, pointwise=True)
     assert np.isfinite(loo.elpd_loo)
+
+
+def test_psislw_adapter_khat_separates_good_and_poor_proposals():
+    from vipkg.diagnostics.arviz_adapter import psislw
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, generator=g, dtype=torch.float64)
+    target = torch.distributions.Normal(0.0, 1.0)
+    # a wider proposal gives bounded weights; a too-narrow one heavy-tailed weights
+    good = target.log_prob(1.5 * x) - torch.distributions.Normal(0.0, 1.5).log_prob(1.5 * x)
+    narrow = target.log_prob(0.4 * x) - torch.distributions.Normal(0.0, 0.4).log_prob(0.4 * x)
+    lw_good, k_good = psislw(good.numpy())
+    _, k_narrow = psislw(narrow.numpy())
+    assert k_good < 0.5 < k_narrow
+    assert np.isclose(np.logaddexp.reduce(lw_good), 0.0, atol=1e-8)  # normalized

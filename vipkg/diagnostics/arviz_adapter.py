@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["to_arviz", "from_dict", "psislw", "ARVIZ_MAJOR"]
+__all__ = ["to_arviz", "from_dict", "psislw"]
 
 
 def _arviz():
@@ -24,9 +24,6 @@ def _arviz():
 
 def _major() -> int:
     return int(_arviz().__version__.split(".")[0])
-
-
-ARVIZ_MAJOR = None  # resolved lazily: importing ArviZ is slow
 
 
 def _np(t) -> np.ndarray:
