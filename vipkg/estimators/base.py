@@ -49,8 +49,7 @@ class Estimator(abc.ABC):
         """Write a gradient estimate of the loss into ``.grad``; no optimizer step."""
 
     def step(self, model, guide, objective, num_particles: int, optimizer) -> StepInfo:
-        """One optimisation step: zero the gradients, :meth:`estimate`, then ``optimizer.step()``."""
-        optimizer.zero_grad(set_to_none=True)
+        """One optimisation step: :meth:`estimate` (which replaces ``.grad``), then ``optimizer.step()``."""
         info = self.estimate(model, guide, objective, num_particles)
         optimizer.step()
         return info

@@ -99,7 +99,7 @@ def logistic_regression(
         logits = torch.addmm(alpha.unsqueeze(0), X, beta.T)  # [N, S]
         ll = y @ logits - F.softplus(logits).sum(0)
         prior = normal_log_prob(alpha, 0.0, s) + normal_log_prob(beta, 0.0, s).sum(-1)
-        return prior + scale * ll
+        return prior + (ll if idx is None else scale * ll)
 
     def pointwise(latents, data):
         logits = data["X"] @ latents["beta"].T + latents["alpha"]
