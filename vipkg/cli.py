@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from vipkg._io import atomic_save, atomic_write_bytes
+from vipkg._rng import seeded
 
 __all__ = ["main", "compare", "Config"]
 
@@ -44,10 +45,8 @@ def _configs():
 @torch.no_grad()
 def _final_bound(result, draws: int, seed: int) -> tuple[float, float]:
     """The fitted guide's bound on many fresh draws: mean and standard error of the loss."""
-    from vipkg.fit import _seeded
-
     S, K = result.objective.sample_shape(draws)
-    with _seeded(seed, result.guide):
+    with seeded(seed, result.guide.device):
         z, log_q = result.guide.rsample_and_log_prob((S, K))
     per = -result.objective.per_group(result.guide.log_joint(result.model, z) - log_q).double()
     return float(per.mean()), float(per.std() / math.sqrt(per.numel()))

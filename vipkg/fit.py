@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from vipkg._rng import seeded
 from vipkg.objectives import ELBO, Objective
 
 __all__ = ["fit", "FitResult", "NonFiniteLossError"]
@@ -66,7 +67,7 @@ class FitResult:
     @torch.no_grad()
     def sample(self, n: int = 1000, seed: int | None = None) -> dict[str, torch.Tensor]:
         """``n`` draws from the fitted guide as named constrained sites ``{site: Tensor[n, *shape]}``."""
-        with _seeded(seed, self.guide):
+        with seeded(seed, self.guide.device):
             z = self.guide().sample((n,))
         return {k: v.detach() for k, v in self.guide.constrain(self.model, z).items()}
 
@@ -75,29 +76,6 @@ class FitResult:
         from vipkg.diagnostics.arviz_adapter import to_arviz
 
         return to_arviz(self, n, seed=seed)
-
-
-class _seeded:
-    """Fork the torch RNG and seed it, so that the caller's stream is untouched."""
-
-    def __init__(self, seed, guide=None):
-        self.seed = seed
-        dev = None
-        if guide is not None:
-            p = next(guide.parameters(), None)
-            dev = p.device if p is not None else None
-        self.devices = [dev] if dev is not None and dev.type == "cuda" else []
-
-    def __enter__(self):
-        if self.seed is None:
-            return
-        self._ctx = torch.random.fork_rng(devices=self.devices)
-        self._ctx.__enter__()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc):
-        if self.seed is not None:
-            return self._ctx.__exit__(*exc)
 
 
 def _make_optimizer(optimizer, params, lr):
@@ -263,7 +241,7 @@ def fit(
         bar = tqdm(total=steps, desc=f"{estimator.name}", leave=False)
     elapsed = 0.0
     try:
-        with _seeded(seed, guide):
+        with seeded(seed, device):
             start = 0
             while start < steps:
                 stop = min(start + check_every, steps)

@@ -13,6 +13,8 @@ import warnings
 import numpy as np
 import torch
 
+from vipkg._rng import seeded
+
 __all__ = ["to_arviz", "from_dict", "psislw"]
 
 
@@ -102,10 +104,8 @@ def to_arviz(result, n: int = 1000, seed: int | None = 0):
     (when known) and ``optimization`` (loss per step, gradient variance per
     recorded step, elapsed seconds, estimator name).
     """
-    from vipkg.fit import _seeded
-
     model, guide = result.model, result.guide
-    with _seeded(seed, guide):
+    with seeded(seed, guide.device):
         z, log_q = guide.sample_and_log_prob((n,))
     log_p = guide.log_joint(model, z)
     latents = guide.constrain(model, z)

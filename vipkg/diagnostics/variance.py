@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from vipkg._rng import seeded
+
 __all__ = ["gradient_samples", "gradient_variance", "GradientVariance", "GradientVarianceResult"]
 
 
@@ -66,10 +68,8 @@ def gradient_samples(
     saved_grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in params.items()}
     saved_state = estimator.state_dict()
     out = {n: torch.zeros((repeats, *p.shape), dtype=p.dtype, device=p.device) for n, p in params.items()}
-    devices = [guide.device] if guide.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded(seed, guide.device):
             for r in range(repeats):
                 estimator.estimate(model, guide, objective, num_particles)
                 for n, p in params.items():
