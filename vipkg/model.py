@@ -148,6 +148,7 @@ class Model:
         # All-real models (the common case) skip the transform machinery in the hot path.
         self._identity = all(self._real.values())
         self._split = [math.prod(self._ushapes[k]) for k in self._ushapes]
+        self._discrete = [k for k, s in self.sites.items() if s.is_discrete]
 
     # ------------------------------------------------------------------ basics
     def __repr__(self) -> str:
@@ -156,7 +157,7 @@ class Model:
 
     @property
     def is_continuous(self) -> bool:
-        return not any(s.is_discrete for s in self.sites.values())
+        return not self._discrete
 
     @property
     def dim(self) -> int:
@@ -165,10 +166,9 @@ class Model:
         return sum(self._split)
 
     def _require_continuous(self, what: str) -> None:
-        if not self.is_continuous:
-            discrete = [k for k, s in self.sites.items() if s.is_discrete]
+        if self._discrete:
             raise ModelError(
-                f"model {self.name!r} has discrete site(s) {discrete}; `{what}` needs every site "
+                f"model {self.name!r} has discrete site(s) {self._discrete}; `{what}` needs every site "
                 "continuous. Use a guide over named sites with a score-function estimator."
             )
 
@@ -226,9 +226,6 @@ class Model:
         ladj = u.new_zeros(S) if with_ladj else None
         for (name, t), part in zip(self._transforms.items(), parts):
             v = part.reshape(S, *self._ushapes[name])
-            if self._identity:
-                latents[name] = v
-                continue
             if self._real[name]:
                 latents[name] = v
                 continue
