@@ -246,9 +246,11 @@ def fit(
             while start < steps:
                 stop = min(start + check_every, steps)
                 if diagnostics is not None:
-                    for i in range(start, stop):
-                        if i % diagnostics.every == 0:
-                            record(i)
+                    # Chunks end at record steps, so each measurement sees the
+                    # parameters of the step it is labelled with.
+                    if start % diagnostics.every == 0:
+                        record(start)
+                    stop = min(stop, (start // diagnostics.every + 1) * diagnostics.every)
                 _sync(device)
                 t0 = time.perf_counter()
                 for i in range(start, stop):

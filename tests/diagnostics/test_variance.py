@@ -79,6 +79,27 @@ def test_fit_records_gradient_variance_without_changing_trajectory():
     assert len(diag.diagnostics["gradient_variance"]) == 4
 
 
+def test_recorded_variance_belongs_to_its_step():
+    """A record at step 30 (not a multiple of the host-read period) equals a direct
+    measurement on a guide fitted for exactly 30 steps."""
+    model = vipkg.models.eight_schools()
+    rec = vipkg.fit(
+        model,
+        MeanFieldNormal(model),
+        vipkg.Reparam(),
+        steps=40,
+        progress=False,
+        diagnostics=GradientVariance(every=30, repeats=4),
+    )
+    assert rec.diagnostics["steps"] == [0, 30, 40]
+    guide = MeanFieldNormal(model)
+    vipkg.fit(model, guide, vipkg.Reparam(), steps=30, progress=False)
+    direct = GradientVariance(every=30, repeats=4).measure(
+        model, guide, vipkg.Reparam(), vipkg.ELBO(), 16, seed=0 * 1_000_003 + 30
+    )
+    assert rec.diagnostics["gradient_variance"][1].total_trace == pytest.approx(direct.total_trace, rel=1e-5)
+
+
 @pytest.mark.parametrize("kwargs", [{"every": 0}, {"repeats": 1}])
 def test_gradient_variance_config_validation(kwargs):
     with pytest.raises(ValueError):
