@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_save", "atomic_write_bytes"]
+__all__ = ["atomic_save", "atomic_write_bytes", "stale_temporaries"]
 
 
 def _umask() -> int:
@@ -31,10 +31,34 @@ def atomic_save(path: str | os.PathLike, save: Callable[[str], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; match a plain open()
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is only durable once the directory entry is on disk (POSIX); on
+    # platforms without directory file descriptors this is a no-op.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Temporary files :func:`atomic_save` left beside ``path`` when a process died mid-write."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(path.parent.glob(f".{path.stem}.*{path.suffix}"))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

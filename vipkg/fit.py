@@ -150,8 +150,10 @@ def fit(
     diagnostics=None,
     checkpoint=None,
     checkpoint_every: int = 500,
+    resume: bool = False,
     progress: bool | None = None,
     check_every: int = 50,
+    callback=None,
 ) -> FitResult:
     """Fit ``guide`` to ``model`` with gradient ``estimator``.
 
@@ -182,12 +184,24 @@ def fit(
         warning, when compilation fails).
     diagnostics : GradientVariance, optional
         Record gradient variance during the fit.
-    checkpoint, checkpoint_every
-        Reserved for atomic checkpoints; not implemented yet (an error if given).
+    checkpoint : str or path, optional
+        File to checkpoint to every ``checkpoint_every`` steps and at the end:
+        guide, optimizer, scheduler and estimator state, RNG state, step counter,
+        losses and diagnostics, written atomically (see :mod:`vipkg.checkpoint`).
+    checkpoint_every : int
+    resume : bool
+        Continue from ``checkpoint`` when that file exists (start afresh when it
+        does not, so the same call can be repeated after a crash). A resumed run
+        follows the same trajectory as an uninterrupted one with the same seed.
+        The guide must be built as for the original run; the checkpoint must come
+        from a fit with the same seed, estimator, objective and particle count.
     progress : bool, optional
         tqdm bar; default on for a terminal or notebook, off under CI.
     check_every : int
         Steps between host reads of the losses (NaN checks, progress updates).
+    callback : callable, optional
+        ``callback(step, loss)`` after every host read: ``step`` steps are done and
+        ``loss`` (a float) is the last one. Runs outside the timed loop.
 
     Returns
     -------
@@ -209,8 +223,12 @@ def fit(
     objective.sample_shape(num_particles)  # validates num_particles
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}.")
-    if checkpoint is not None:
-        raise NotImplementedError("checkpoints are not implemented yet (see the reliability issue).")
+    if not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be a positive int, got {check_every!r}.")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}.")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=<path> to resume from.")
     if device is not None:
         guide.to(device)
     device = guide.device
@@ -234,23 +252,74 @@ def fit(
             diagnostics.measure(model, guide, estimator, objective, num_particles, seed=seed * 1_000_003 + i)
         )
 
+    identity = {
+        "seed": seed,
+        "estimator": repr(estimator),
+        "objective": repr(objective),
+        "guide_type": type(guide).__name__,
+        "num_particles": num_particles,
+    }
+    start, elapsed, rng_state = 0, 0.0, None
+    if checkpoint is not None:
+        from vipkg import checkpoint as ckpt
+
+        ckpt.remove_stale_temporaries(checkpoint)
+        if resume and os.path.exists(checkpoint):
+            state = ckpt.load_checkpoint(checkpoint, map_location=device)
+            ckpt.check_matches(checkpoint, state, identity)
+            start = int(state["step"])
+            if start > steps:
+                raise ckpt.CheckpointError(
+                    f"checkpoint {str(checkpoint)!r} is at step {start}, past steps={steps}; "
+                    f"pass steps >= {start} to continue it."
+                )
+            guide.load_state_dict(state["guide"])
+            opt.load_state_dict(state["optimizer"])
+            if sched is not None and state.get("scheduler") is not None:
+                sched.load_state_dict(state["scheduler"])
+            estimator.load_state_dict(state["estimator_state"])
+            losses[:start] = state["losses"].to(losses)
+            elapsed = float(state["elapsed"])
+            rng_state = state["rng"]
+            if diagnostics is not None:
+                diag = ckpt.diagnostics_from_state(state["diagnostics"]) or diag
+
+    def save(step):
+        ckpt.save_checkpoint(
+            checkpoint,
+            {
+                **identity,
+                "step": step,
+                "guide": guide.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": None if sched is None else sched.state_dict(),
+                "estimator_state": estimator.state_dict(),
+                "rng": _rng_state(device),
+                "losses": losses[:step].detach().cpu(),
+                "elapsed": elapsed,
+                "diagnostics": ckpt.diagnostics_to_state(diag),
+            },
+        )
+
     bar = None
     if _progress_enabled(progress):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=f"{estimator.name}", leave=False)
-    elapsed = 0.0
+        bar = tqdm(total=steps, initial=start, desc=f"{estimator.name}", leave=False)
     try:
         with seeded(seed, device):
-            start = 0
+            if rng_state is not None:
+                _set_rng_state(rng_state, device)
             while start < steps:
                 stop = min(start + check_every, steps)
                 if diagnostics is not None:
                     # Chunks end at record steps, so each measurement sees the
                     # parameters of the step it is labelled with.
-                    if start % diagnostics.every == 0:
+                    if start % diagnostics.every == 0 and start not in diag["steps"]:
                         record(start)
                     stop = min(stop, (start // diagnostics.every + 1) * diagnostics.every)
+                if checkpoint is not None:
+                    stop = min(stop, (start // checkpoint_every + 1) * checkpoint_every)
                 _sync(device)
                 t0 = time.perf_counter()
                 for i in range(start, stop):
@@ -269,12 +338,18 @@ def fit(
                         f"model {model.name!r}. Check the log density for NaN/inf over the guide's "
                         "support, lower lr, or use more particles."
                     )
-                if bar is not None:
-                    bar.update(stop - start)
-                    bar.set_postfix(loss=f"{float(chunk[-1]):.4g}")
+                if diagnostics is not None and stop == steps and steps not in diag["steps"]:
+                    record(steps)
+                if checkpoint is not None and (stop % checkpoint_every == 0 or stop == steps):
+                    save(stop)
+                if bar is not None or callback is not None:
+                    last = float(chunk[-1])
+                    if bar is not None:
+                        bar.update(stop - start)
+                        bar.set_postfix(loss=f"{last:.4g}")
+                    if callback is not None:
+                        callback(stop, last)
                 start = stop
-            if diagnostics is not None:
-                record(steps)
     finally:
         if bar is not None:
             bar.close()
@@ -288,6 +363,19 @@ def fit(
         diagnostics=diag,
         num_particles=num_particles,
     )
+
+
+def _rng_state(device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).cpu()
+    return state
+
+
+def _set_rng_state(state: dict, device) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def _sync(device) -> None:
