@@ -45,6 +45,9 @@ class FitResult:
         ``{"steps": [...], "gradient_variance": [GradientVarianceResult, ...]}`` when
         ``fit(diagnostics=GradientVariance(...))`` was given.
     num_particles : int
+    skipped_steps : int
+        Steps whose loss or update was not finite and that ``nan_policy="skip"``
+        undid (their entries in ``losses`` stay NaN/inf, so they are visible).
     """
 
     model: Any
@@ -55,6 +58,7 @@ class FitResult:
     elapsed: float
     diagnostics: dict
     num_particles: int
+    skipped_steps: int = 0
 
     @property
     def steps(self) -> int:
@@ -154,6 +158,7 @@ def fit(
     progress: bool | None = None,
     check_every: int = 50,
     callback=None,
+    nan_policy: str = "raise",
 ) -> FitResult:
     """Fit ``guide`` to ``model`` with gradient ``estimator``.
 
@@ -202,6 +207,12 @@ def fit(
     callback : callable, optional
         ``callback(step, loss)`` after every host read: ``step`` steps are done and
         ``loss`` (a float) is the last one. Runs outside the timed loop.
+    nan_policy : {"raise", "skip"}
+        ``"raise"`` stops with :class:`NonFiniteLossError` naming the step.
+        ``"skip"`` undoes a step whose loss or new parameters are not finite
+        (parameters and optimizer state restored on the device, no host read) and
+        counts it in ``FitResult.skipped_steps``; the fit still stops when more than
+        half of the steps so far were skipped.
 
     Returns
     -------
@@ -229,6 +240,8 @@ def fit(
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}.")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=<path> to resume from.")
+    if nan_policy not in ("raise", "skip"):
+        raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}.")
     if device is not None:
         guide.to(device)
     device = guide.device
@@ -240,6 +253,8 @@ def fit(
     def step_fn():
         return estimator.step(model, guide, objective, num_particles, opt).loss
 
+    if nan_policy == "skip":
+        step_fn = _undo_if_not_finite(step_fn, list(guide.parameters()), opt)
     step = _compiled(step_fn) if compile else step_fn
     losses = torch.empty(steps, device=device, dtype=guide.dtype)
     diag: dict = {}
@@ -259,7 +274,7 @@ def fit(
         "guide_type": type(guide).__name__,
         "num_particles": num_particles,
     }
-    start, elapsed, rng_state = 0, 0.0, None
+    start, elapsed, rng_state, skipped = 0, 0.0, None, 0
     if checkpoint is not None:
         from vipkg import checkpoint as ckpt
 
@@ -280,6 +295,7 @@ def fit(
             estimator.load_state_dict(state["estimator_state"])
             losses[:start] = state["losses"].to(losses)
             elapsed = float(state["elapsed"])
+            skipped = int(state.get("skipped_steps", 0))
             rng_state = state["rng"]
             if diagnostics is not None:
                 diag = ckpt.diagnostics_from_state(state["diagnostics"]) or diag
@@ -297,6 +313,7 @@ def fit(
                 "rng": _rng_state(device),
                 "losses": losses[:step].detach().cpu(),
                 "elapsed": elapsed,
+                "skipped_steps": skipped,
                 "diagnostics": ckpt.diagnostics_to_state(diag),
             },
         )
@@ -330,10 +347,14 @@ def fit(
                 finite = torch.isfinite(chunk)
                 ok = bool(finite.all())  # the one host read per chunk
                 elapsed += time.perf_counter() - t0
+                if not ok and nan_policy == "skip":
+                    skipped += int((~finite).sum())
+                    ok = skipped <= stop // 2
                 if not ok:
                     first = start + int((~finite).nonzero()[0, 0])
                     raise NonFiniteLossError(
-                        f"the loss became {float(losses[first])} at step {first} with estimator "
+                        ("" if nan_policy == "raise" else f"{skipped} of {stop} steps were skipped; ")
+                        + f"the loss became {float(losses[first])} at step {first} with estimator "
                         f"{estimator!r}, guide {type(guide).__name__}, objective {objective!r}, "
                         f"model {model.name!r}. Check the log density for NaN/inf over the guide's "
                         "support, lower lr, or use more particles."
@@ -362,7 +383,39 @@ def fit(
         elapsed=elapsed,
         diagnostics=diag,
         num_particles=num_particles,
+        skipped_steps=skipped,
     )
+
+
+def _undo_if_not_finite(step_fn, params, opt):
+    """Wrap a step so that a non-finite loss or update leaves parameters and optimizer state as they were.
+
+    The decision stays on the device (``torch.where``), so the loop keeps its one
+    host read per chunk. Optimizer state created by a skipped first step is reset
+    to zeros, which is the fresh state of Adam-type optimizers.
+    """
+
+    def state_tensors():
+        return [(st, k) for st in opt.state.values() for k, v in st.items() if isinstance(v, torch.Tensor)]
+
+    def run():
+        saved_params = [p.detach().clone() for p in params]
+        saved_state = {(id(st), k): st[k].clone() for st, k in state_tensors()}
+        loss = step_fn()
+        with torch.no_grad():
+            ok = torch.isfinite(loss)
+            for p in params:
+                ok = ok & torch.isfinite(p).all()
+            for p, old in zip(params, saved_params):
+                p.copy_(torch.where(ok, p, old))
+            for st, k in state_tensors():
+                new = st[k]
+                old = saved_state.get((id(st), k))
+                old = torch.zeros_like(new) if old is None else old
+                st[k] = torch.where(ok.to(new.device), new, old)
+        return loss
+
+    return run
 
 
 def _rng_state(device) -> dict:

@@ -35,6 +35,12 @@ def _positive(t, name):
     return t
 
 
+def _check_init_scale(init_scale) -> float:
+    if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
+        raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}.")
+    return float(init_scale)
+
+
 def _standard_normal_log_prob(eps: torch.Tensor) -> torch.Tensor:
     return -0.5 * eps.pow(2).sum(-1) - eps.shape[-1] * _HALF_LOG_2PI
 
@@ -65,6 +71,7 @@ class MeanFieldNormal(Guide):
 
     def __init__(self, model, *, loc=None, scale=None, init_scale: float = 0.1, dtype=None):
         super().__init__(model)
+        init_scale = _check_init_scale(init_scale)
         dtype = dtype or torch.get_default_dtype()
         self.loc = nn.Parameter(_vector(loc, self.dim, "loc", 0.0, dtype))
         s = _positive(_vector(scale, self.dim, "scale", init_scale, dtype), "scale")
@@ -109,6 +116,7 @@ class FullRankNormal(Guide):
 
     def __init__(self, model, *, loc=None, scale_tril=None, init_scale: float = 0.1, dtype=None):
         super().__init__(model)
+        init_scale = _check_init_scale(init_scale)
         dtype = dtype or torch.get_default_dtype()
         d = self.dim
         self.loc = nn.Parameter(_vector(loc, d, "loc", 0.0, dtype))
@@ -169,6 +177,7 @@ class LowRankNormal(Guide):
         dtype=None,
     ):
         super().__init__(model)
+        init_scale = _check_init_scale(init_scale)
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive int, got {rank!r}.")
         dtype = dtype or torch.get_default_dtype()
