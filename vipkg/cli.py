@@ -21,12 +21,18 @@ __all__ = ["main", "compare", "Config"]
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One line of the comparison: a guide family, an estimator and an objective."""
+    """One line of the comparison: a guide family, an estimator and an objective.
+
+    ``lr`` overrides the comparison's learning rate for this line (estimators that
+    own their update, such as FB-GVI, ignore it). A line whose guide or estimator
+    does not fit the model is skipped and reported with the reason.
+    """
 
     label: str
     guide: Callable
     estimator: Callable
     objective: Callable
+    lr: float | None = None
 
 
 def _configs():
@@ -40,6 +46,19 @@ def _configs():
         Config("reparam-meanfield-iwae8", MeanFieldNormal, vipkg.Reparam, lambda: vipkg.IWAE(8)),
         Config("reparam-fullrank-iwae8", FullRankNormal, vipkg.Reparam, lambda: vipkg.IWAE(8)),
     ]
+
+
+def _build(cfg: Config, model):
+    """The (guide, estimator, objective) of a line, or the reason it does not fit ``model``."""
+    from vipkg.estimators import IncompatibleEstimatorError
+    from vipkg.model import ModelError
+
+    try:
+        guide, estimator, objective = cfg.guide(model), cfg.estimator(), cfg.objective()
+        estimator.check(model, guide, objective)
+    except (IncompatibleEstimatorError, ModelError, ValueError) as err:
+        return None, str(err)
+    return (guide, estimator, objective), None
 
 
 @torch.no_grad()
@@ -63,6 +82,7 @@ def compare(
     repeats: int = 32,
     eval_draws: int = 2000,
     configs=None,
+    only=None,
     progress: bool | None = None,
     stream=None,
 ) -> list[dict]:
@@ -71,6 +91,8 @@ def compare(
     Writes ``compare.md`` (the table), ``compare.nc`` (ArviZ netCDF of the
     first configuration's fit, with every configuration's loss trace in its
     ``optimization`` group) and ``loss_traces.png``. Returns the table rows.
+    ``only`` keeps the configurations whose label starts with one of its strings;
+    configurations that do not fit the model are listed as skipped, with the reason.
     """
     import vipkg
     from vipkg.diagnostics import gradient_variance, plot_losses
@@ -82,8 +104,15 @@ def compare(
     model = ZOO[model_name]()
     out = Path(out)
     rows, results = [], {}
+    skipped = []
     for cfg in configs or _configs():
-        guide, estimator, objective = cfg.guide(model), cfg.estimator(), cfg.objective()
+        if only and not any(cfg.label.startswith(prefix) for prefix in only):
+            continue
+        built, reason = _build(cfg, model)
+        if built is None:
+            skipped.append((cfg.label, reason))
+            continue
+        guide, estimator, objective = built
         result = vipkg.fit(
             model,
             guide,
@@ -91,7 +120,7 @@ def compare(
             objective=objective,
             steps=steps,
             num_particles=num_particles,
-            lr=lr,
+            lr=cfg.lr or lr,
             seed=seed,
             progress=progress,
         )
@@ -117,7 +146,9 @@ def compare(
         results[cfg.label] = result
         print(f"  {cfg.label:<26} loss {loss:10.3f} ± {se:.3f}", file=stream, flush=True)
 
-    table = _format_table(model.name, rows, steps, num_particles)
+    if not rows:
+        raise SystemExit(f"no estimator configuration fits model {model.name!r}: {skipped}")
+    table = _format_table(model.name, rows, steps, num_particles, skipped)
     print(table, file=stream)
     atomic_write_bytes(out / "compare.md", table.encode())
 
@@ -151,7 +182,7 @@ def compare(
     return rows
 
 
-def _format_table(name, rows, steps, num_particles) -> str:
+def _format_table(name, rows, steps, num_particles, skipped=()) -> str:
     lines = [
         f"# vipkg compare: {name}",
         "",
@@ -166,6 +197,9 @@ def _format_table(name, rows, steps, num_particles) -> str:
             f"| {r['estimator']} | {r['loss']:.3f} | {r['loss_se']:.3f} | {r['ms_per_step']:.3f} "
             f"| {r['grad_trace_var']:.4g} |"
         )
+    if skipped:
+        lines += ["", "Not run on this model (the guide or estimator does not fit it):", ""]
+        lines += [f"- {label}: {reason}" for label, reason in skipped]
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +218,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=32, help="gradient estimates for the variance column")
     p.add_argument("--out", default="vipkg-out")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated label prefixes to run (e.g. 'reparam-fullrank,stl'); default all that fit",
+    )
     p.add_argument("--no-progress", action="store_true")
     sub.add_parser("models", help="list the model zoo")
     args = parser.parse_args(argv)
@@ -202,6 +241,7 @@ def main(argv=None) -> int:
         seed=args.seed,
         out=args.out,
         repeats=args.repeats,
+        only=[x.strip() for x in args.only.split(",") if x.strip()] if args.only else None,
         progress=False if args.no_progress else None,
     )
     return 0

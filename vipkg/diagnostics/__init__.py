@@ -2,6 +2,7 @@
 
 from vipkg.diagnostics.arviz_adapter import to_arviz
 from vipkg.diagnostics.plots import plot_losses
+from vipkg.diagnostics.psis import PSISResult, importance_ess, psis_khat
 from vipkg.diagnostics.variance import (
     GradientVariance,
     GradientVarianceResult,
@@ -16,4 +17,7 @@ __all__ = [
     "GradientVarianceResult",
     "to_arviz",
     "plot_losses",
+    "psis_khat",
+    "PSISResult",
+    "importance_ess",
 ]
