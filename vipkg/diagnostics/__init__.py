@@ -1,8 +1,9 @@
 """Diagnostics: gradient noise, ArviZ export, plots."""
 
 from vipkg.diagnostics.arviz_adapter import to_arviz
-from vipkg.diagnostics.plots import plot_losses
+from vipkg.diagnostics.plots import plot_gradient_variance, plot_khat, plot_losses, plot_posteriors
 from vipkg.diagnostics.psis import PSISResult, importance_ess, psis_khat
+from vipkg.diagnostics.reference import reference_draws
 from vipkg.diagnostics.variance import (
     GradientVariance,
     GradientVarianceResult,
@@ -17,6 +18,10 @@ __all__ = [
     "GradientVarianceResult",
     "to_arviz",
     "plot_losses",
+    "plot_gradient_variance",
+    "plot_khat",
+    "plot_posteriors",
+    "reference_draws",
     "psis_khat",
     "PSISResult",
     "importance_ess",
