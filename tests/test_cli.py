@@ -3,7 +3,9 @@ import subprocess
 import sys
 
 import arviz as az
+import torch
 
+import vipkg
 from vipkg.cli import compare, main
 
 
@@ -26,8 +28,43 @@ def test_compare_writes_table_netcdf_and_plot(tmp_path):
     assert "| reparam-fullrank-iwae8 |" in table
     idata = az.from_netcdf(str(tmp_path / "compare.nc"))
     assert "posterior" in idata.groups() and "compare" in idata.groups()
-    assert (tmp_path / "loss_traces.png").read_bytes()[:4] == b"\x89PNG"
+    for png in ("loss_traces.png", "grad_variance.png", "khat.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "posterior.png").exists()  # eight schools has no closed-form reference
+    assert all(0 < r["khat"] < 10 for r in rows)
+    assert "| PSIS k-hat |" in table
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_compare_skips_what_does_not_fit_and_plots_against_reference(tmp_path):
+    from vipkg.cli import Config
+    from vipkg.guides import FullRankNormal, MeanFieldNormal
+
+    class NoRsample(MeanFieldNormal):
+        def forward(self):
+            return torch.distributions.Categorical(logits=torch.zeros(3))
+
+    configs = [
+        Config("fr", FullRankNormal, vipkg.Reparam, vipkg.ELBO),
+        Config("bad", NoRsample, vipkg.Reparam, vipkg.ELBO),
+        Config("mf", MeanFieldNormal, vipkg.Reparam, vipkg.ELBO, lr=0.05),
+    ]
+    rows = compare(
+        "gaussian",
+        steps=30,
+        num_particles=2,
+        repeats=3,
+        eval_draws=200,
+        out=tmp_path,
+        progress=False,
+        configs=configs,
+        only=["fr", "bad"],
+        stream=io.StringIO(),
+    )
+    assert [r["estimator"] for r in rows] == ["fr"]
+    table = (tmp_path / "compare.md").read_text()
+    assert "- bad: Reparam needs reparameterized draws" in table
+    assert (tmp_path / "posterior.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_models_lists_zoo(capsys):

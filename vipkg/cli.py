@@ -83,6 +83,7 @@ def compare(
     eval_draws: int = 2000,
     configs=None,
     only=None,
+    reference: str = "auto",
     progress: bool | None = None,
     stream=None,
 ) -> list[dict]:
@@ -93,9 +94,22 @@ def compare(
     ``optimization`` group) and ``loss_traces.png``. Returns the table rows.
     ``only`` keeps the configurations whose label starts with one of its strings;
     configurations that do not fit the model are listed as skipped, with the reason.
+    Also writes ``grad_variance.png`` (trace over steps), ``khat.png`` (PSIS k-hat
+    per configuration) and, when a reference posterior exists (``reference``:
+    ``"auto"`` for a closed form, ``"nuts"`` to run Pyro's NUTS, ``"none"``),
+    ``posterior.png``.
     """
     import vipkg
-    from vipkg.diagnostics import gradient_variance, plot_losses
+    from vipkg.diagnostics import (
+        GradientVariance,
+        gradient_variance,
+        plot_gradient_variance,
+        plot_khat,
+        plot_losses,
+        plot_posteriors,
+        psis_khat,
+        reference_draws,
+    )
     from vipkg.models import ZOO
 
     stream = stream or sys.stdout
@@ -123,8 +137,11 @@ def compare(
             lr=cfg.lr or lr,
             seed=seed,
             progress=progress,
+            # ~8 estimates per 10% of the run: about 8% extra work for the variance-over-steps plot.
+            diagnostics=GradientVariance(every=max(steps // 10, 1), repeats=8),
         )
         loss, se = _final_bound(result, eval_draws, seed + 1)
+        khat = _khat(psis_khat, result, eval_draws, seed + 3)
         gv = gradient_variance(
             result.model,
             guide,
@@ -141,10 +158,11 @@ def compare(
                 "loss_se": se,
                 "ms_per_step": result.ms_per_step,
                 "grad_trace_var": gv.total_trace,
+                "khat": khat,
             }
         )
         results[cfg.label] = result
-        print(f"  {cfg.label:<26} loss {loss:10.3f} ± {se:.3f}", file=stream, flush=True)
+        print(f"  {cfg.label:<26} loss {loss:10.3f} ± {se:.3f}  k-hat {khat:5.2f}", file=stream, flush=True)
 
     if not rows:
         raise SystemExit(f"no estimator configuration fits model {model.name!r}: {skipped}")
@@ -157,12 +175,43 @@ def compare(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    plot_losses(results, ax=ax)
-    ax.set_title(f"{model.name}: loss per step")
-    fig.tight_layout()
-    atomic_save(out / "loss_traces.png", lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
+    def save_figure(name, draw):
+        fig = plt.figure(figsize=(8, 4.5))
+        draw(fig)
+        fig.tight_layout()
+        atomic_save(out / name, lambda p: fig.savefig(p, dpi=120, format="png"))
+        plt.close(fig)
+
+    def losses_fig(fig):
+        ax = plot_losses(results, ax=fig.add_subplot())
+        ax.set_title(f"{model.name}: loss per step")
+
+    def variance_fig(fig):
+        ax = plot_gradient_variance(results, ax=fig.add_subplot())
+        ax.set_title(f"{model.name}: gradient variance over the fit")
+
+    def khat_fig(fig):
+        ax = plot_khat({r["estimator"]: r["khat"] for r in rows}, ax=fig.add_subplot())
+        ax.set_title(f"{model.name}: PSIS k-hat of each fitted guide")
+
+    save_figure("loss_traces.png", losses_fig)
+    save_figure("grad_variance.png", variance_fig)
+    save_figure("khat.png", khat_fig)
+    written = ["compare.md", "compare.nc", "loss_traces.png", "grad_variance.png", "khat.png"]
+    ref = None
+    if reference == "nuts":
+        ref = reference_draws(model, 1000, method="nuts", seed=seed)
+    elif reference == "auto":
+        try:  # closed form only: NUTS is opt-in because it can take minutes
+            ref = reference_draws(model, 1000, method="exact", seed=seed)
+        except ValueError:
+            ref = None
+    if ref is not None:
+        axes = plot_posteriors(results, reference=ref, n=1000, seed=seed)
+        fig = axes.flat[0].figure
+        atomic_save(out / "posterior.png", lambda p: fig.savefig(p, dpi=100, format="png"))
+        plt.close(fig)
+        written.append("posterior.png")
 
     first = next(iter(results.values()))
     idata = first.to_arviz(1000, seed=seed)
@@ -178,8 +227,18 @@ def compare(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         atomic_save(out / "compare.nc", lambda p: idata.to_netcdf(p))
-    print(f"wrote {out / 'compare.md'}, {out / 'compare.nc'}, {out / 'loss_traces.png'}", file=stream)
+    print("wrote " + ", ".join(str(out / w) for w in written), file=stream)
     return rows
+
+
+def _khat(psis_khat, result, draws, seed) -> float:
+    """k-hat of a fitted guide, NaN for guides without a density (particles)."""
+    if getattr(result.guide, "is_empirical", False):
+        return math.nan
+    try:
+        return psis_khat(result.model, result.guide, max(draws, 100), seed=seed).khat
+    except FloatingPointError:
+        return math.inf
 
 
 def _format_table(name, rows, steps, num_particles, skipped=()) -> str:
@@ -187,15 +246,16 @@ def _format_table(name, rows, steps, num_particles, skipped=()) -> str:
         f"# vipkg compare: {name}",
         "",
         f"{steps} steps, {num_particles} particles per step, Adam. Loss = minus the bound on fresh draws "
-        "(± standard error); gradient variance = trace of the covariance of the loss gradient at the end.",
+        "(± standard error); gradient variance = trace of the covariance of the loss gradient at the end; "
+        "PSIS k-hat of the fitted guide (< 0.5 good, > 0.7 unreliable; Yao et al. 2018).",
         "",
-        "| estimator | final loss | ± se | ms/step | grad trace-variance |",
-        "|---|---:|---:|---:|---:|",
+        "| estimator | final loss | ± se | ms/step | grad trace-variance | PSIS k-hat |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['estimator']} | {r['loss']:.3f} | {r['loss_se']:.3f} | {r['ms_per_step']:.3f} "
-            f"| {r['grad_trace_var']:.4g} |"
+            f"| {r['grad_trace_var']:.4g} | {r['khat']:.2f} |"
         )
     if skipped:
         lines += ["", "Not run on this model (the guide or estimator does not fit it):", ""]
@@ -219,6 +279,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=32, help="gradient estimates for the variance column")
     p.add_argument("--out", default="vipkg-out")
     p.add_argument(
+        "--reference",
+        default="auto",
+        choices=["auto", "nuts", "none"],
+        help="reference posterior for posterior.png: closed form when known (auto), Pyro NUTS, or none",
+    )
+    p.add_argument(
         "--only",
         default=None,
         help="comma-separated label prefixes to run (e.g. 'reparam-fullrank,stl'); default all that fit",
@@ -241,6 +307,7 @@ def main(argv=None) -> int:
         seed=args.seed,
         out=args.out,
         repeats=args.repeats,
+        reference=args.reference,
         only=[x.strip() for x in args.only.split(",") if x.strip()] if args.only else None,
         progress=False if args.no_progress else None,
     )
