@@ -167,11 +167,13 @@ class GradientVariance:
     ----------
     every : int
         Steps between measurements (the first is at step 0, the last after the final step).
+        Each measurement costs about ``repeats`` estimates, so the extra work is about
+        ``repeats / every`` of the fit (8% at the defaults; see benchmarks/bench_diagnostics.py).
     repeats : int
         Independent estimates per measurement.
     """
 
-    every: int = 100
+    every: int = 400
     repeats: int = 32
 
     def __post_init__(self):
