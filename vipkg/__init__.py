@@ -2,7 +2,7 @@
 
 from vipkg import diagnostics, estimators, guides, models, objectives
 from vipkg.diagnostics import GradientVariance, to_arviz
-from vipkg.estimators import Estimator, IncompatibleEstimatorError, Reparam, StepInfo
+from vipkg.estimators import RSVI, Estimator, IncompatibleEstimatorError, Reparam, ScoreFunction, StepInfo
 from vipkg.fit import FitResult, NonFiniteLossError, fit
 from vipkg.model import Model, ModelError, Site
 from vipkg.objectives import ELBO, IWAE, Renyi
@@ -23,6 +23,8 @@ __all__ = [
     "StepInfo",
     "IncompatibleEstimatorError",
     "Reparam",
+    "RSVI",
+    "ScoreFunction",
     "GradientVariance",
     "to_arviz",
     "guides",

@@ -37,14 +37,31 @@ class Config:
 
 def _configs():
     import vipkg
-    from vipkg.guides import FullRankNormal, LowRankNormal, MeanFieldNormal
+    from vipkg.estimators import RSVI, ScoreFunction
+    from vipkg.guides import Beta, Dirichlet, FullRankNormal, Gamma, LowRankNormal, MeanFieldNormal
+
+    def rsvi1():
+        return RSVI(boost=1)
+
+    def iwae8():
+        return vipkg.IWAE(8)
 
     return [
         Config("reparam-meanfield-elbo", MeanFieldNormal, vipkg.Reparam, vipkg.ELBO),
         Config("reparam-fullrank-elbo", FullRankNormal, vipkg.Reparam, vipkg.ELBO),
         Config("reparam-lowrank2-elbo", lambda m: LowRankNormal(m, rank=2), vipkg.Reparam, vipkg.ELBO),
-        Config("reparam-meanfield-iwae8", MeanFieldNormal, vipkg.Reparam, lambda: vipkg.IWAE(8)),
-        Config("reparam-fullrank-iwae8", FullRankNormal, vipkg.Reparam, lambda: vipkg.IWAE(8)),
+        Config("reparam-meanfield-iwae8", MeanFieldNormal, vipkg.Reparam, iwae8),
+        Config("reparam-fullrank-iwae8", FullRankNormal, vipkg.Reparam, iwae8),
+        Config("score-meanfield-elbo", MeanFieldNormal, ScoreFunction, vipkg.ELBO),
+        # Gamma / Beta / Dirichlet families over the named constrained sites.
+        Config("rsvi1-gamma-elbo", Gamma, rsvi1, vipkg.ELBO),
+        Config("rsvi1-beta-elbo", Beta, rsvi1, vipkg.ELBO),
+        Config("rsvi1-dirichlet-elbo", Dirichlet, rsvi1, vipkg.ELBO),
+        Config("rsvi1-dirichlet-iwae8", Dirichlet, rsvi1, iwae8),
+        Config("implicit-gamma-elbo", Gamma, vipkg.Reparam, vipkg.ELBO),
+        Config("implicit-dirichlet-elbo", Dirichlet, vipkg.Reparam, vipkg.ELBO),
+        Config("score-gamma-elbo", Gamma, ScoreFunction, vipkg.ELBO),
+        Config("score-dirichlet-elbo", Dirichlet, ScoreFunction, vipkg.ELBO),
     ]
 
 

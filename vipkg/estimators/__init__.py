@@ -2,5 +2,7 @@
 
 from vipkg.estimators.base import Estimator, IncompatibleEstimatorError, StepInfo
 from vipkg.estimators.reparam import Reparam
+from vipkg.estimators.rsvi import RSVI
+from vipkg.estimators.score import ScoreFunction
 
-__all__ = ["Estimator", "StepInfo", "IncompatibleEstimatorError", "Reparam"]
+__all__ = ["Estimator", "StepInfo", "IncompatibleEstimatorError", "Reparam", "RSVI", "ScoreFunction"]

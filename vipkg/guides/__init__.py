@@ -2,5 +2,6 @@
 
 from vipkg.guides.base import Guide
 from vipkg.guides.gaussian import FullRankNormal, LowRankNormal, MeanFieldNormal
+from vipkg.guides.positive import Beta, Dirichlet, Gamma
 
-__all__ = ["Guide", "MeanFieldNormal", "FullRankNormal", "LowRankNormal"]
+__all__ = ["Guide", "MeanFieldNormal", "FullRankNormal", "LowRankNormal", "Gamma", "Beta", "Dirichlet"]

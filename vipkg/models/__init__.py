@@ -4,7 +4,9 @@ Every model exists as a fast hand-written batched log density (``form="tensor"``
 the default) and as a Pyro program (``form="pyro"``); the tests check they agree.
 """
 
+from vipkg.models.conjugate import dirichlet_multinomial, gamma_poisson
 from vipkg.models.eight_schools import eight_schools
+from vipkg.models.gamma_def import sparse_gamma_def
 from vipkg.models.gaussians import funnel, gaussian, linear_regression_conjugate
 from vipkg.models.logistic import logistic_regression
 
@@ -15,6 +17,19 @@ ZOO = {
     "gaussian": gaussian,
     "funnel": funnel,
     "linear_regression_conjugate": linear_regression_conjugate,
+    "dirichlet_multinomial": dirichlet_multinomial,
+    "gamma_poisson": gamma_poisson,
+    "sparse_gamma_def": sparse_gamma_def,
 }
 
-__all__ = ["ZOO", "logistic_regression", "eight_schools", "gaussian", "funnel", "linear_regression_conjugate"]
+__all__ = [
+    "ZOO",
+    "logistic_regression",
+    "eight_schools",
+    "gaussian",
+    "funnel",
+    "linear_regression_conjugate",
+    "dirichlet_multinomial",
+    "gamma_poisson",
+    "sparse_gamma_def",
+]
