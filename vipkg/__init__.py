@@ -2,7 +2,16 @@
 
 from vipkg import diagnostics, estimators, guides, models, objectives
 from vipkg.diagnostics import GradientVariance, to_arviz
-from vipkg.estimators import RSVI, Estimator, IncompatibleEstimatorError, Reparam, ScoreFunction, StepInfo
+from vipkg.estimators import (
+    BWSGD,
+    FBGVI,
+    RSVI,
+    Estimator,
+    IncompatibleEstimatorError,
+    Reparam,
+    ScoreFunction,
+    StepInfo,
+)
 from vipkg.fit import FitResult, NonFiniteLossError, fit
 from vipkg.model import Model, ModelError, Site
 from vipkg.objectives import ELBO, IWAE, Renyi
@@ -25,6 +34,8 @@ __all__ = [
     "Reparam",
     "RSVI",
     "ScoreFunction",
+    "FBGVI",
+    "BWSGD",
     "GradientVariance",
     "to_arviz",
     "guides",

@@ -37,7 +37,7 @@ class Config:
 
 def _configs():
     import vipkg
-    from vipkg.estimators import RSVI, ScoreFunction
+    from vipkg.estimators import BWSGD, FBGVI, RSVI, ScoreFunction
     from vipkg.guides import Beta, Dirichlet, FullRankNormal, Gamma, LowRankNormal, MeanFieldNormal
 
     def rsvi1():
@@ -53,6 +53,12 @@ def _configs():
         Config("reparam-meanfield-iwae8", MeanFieldNormal, vipkg.Reparam, iwae8),
         Config("reparam-fullrank-iwae8", FullRankNormal, vipkg.Reparam, iwae8),
         Config("score-meanfield-elbo", MeanFieldNormal, ScoreFunction, vipkg.ELBO),
+        # Bures-Wasserstein steps own their update; eta ~ 0.5 / L near the breast-cancer MAP.
+        Config("fbgvi-elbo", FullRankNormal, lambda: FBGVI(0.005), vipkg.ELBO),
+        Config(
+            "fbgvi-stein-fullrank-elbo", FullRankNormal, lambda: FBGVI(0.005, hessian="stein"), vipkg.ELBO
+        ),
+        Config("bwsgd-elbo", FullRankNormal, lambda: BWSGD(0.005), vipkg.ELBO),
         # Gamma / Beta / Dirichlet families over the named constrained sites.
         Config("rsvi1-gamma-elbo", Gamma, rsvi1, vipkg.ELBO),
         Config("rsvi1-beta-elbo", Beta, rsvi1, vipkg.ELBO),

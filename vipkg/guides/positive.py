@@ -199,9 +199,10 @@ class Gamma(_NamedSiteGuide):
     flattened and concatenated in model order. Both parameters are ``exp`` of
     raw parameters: Adam then moves them by a fraction of their size per step,
     which reaches the large shapes of concentrated posteriors (shape 50 is 4 in
-    log space) far sooner than a softplus parameter, which moves additively. ``rsample`` uses torch's implicit reparameterization
-    (Figurnov et al. 2018); :class:`~vipkg.estimators.rsvi.RSVI` uses the
-    rejection-sampler reparameterization instead.
+    log space) far sooner than a softplus parameter, which moves additively.
+    ``rsample`` uses torch's implicit reparameterization (Figurnov et al. 2018);
+    :class:`~vipkg.estimators.rsvi.RSVI` uses the rejection-sampler
+    reparameterization instead.
 
     References
     ----------
