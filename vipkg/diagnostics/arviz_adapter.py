@@ -98,23 +98,32 @@ def psislw(log_weights: np.ndarray):
 def to_arviz(result, n: int = 1000, seed: int | None = 0):
     """A :class:`~vipkg.fit.FitResult` as ArviZ data.
 
-    Groups: ``posterior`` (``n`` guide draws as named constrained sites, one chain),
-    ``sample_stats`` (``log_p``, ``log_q``, ``log_weight`` per draw),
+    Groups: ``posterior`` (``n`` guide draws as named constrained sites, one chain; for a
+    particle guide the particles themselves, whatever ``n``),
+    ``sample_stats`` (``log_p``, ``log_q``, ``log_weight`` per draw; only ``log_p`` for particles),
     ``log_likelihood`` (when the model has per-datum terms), ``observed_data``
     (when known) and ``optimization`` (loss per step, gradient variance per
     recorded step, elapsed seconds, estimator name).
     """
     model, guide = result.model, result.guide
-    with seeded(seed, guide.device):
-        z, log_q = guide.sample_and_log_prob((n,))
-    log_p = guide.log_joint(model, z)
-    latents = guide.constrain(model, z)
+    if getattr(guide, "is_empirical", False):
+        # A particle approximation is its particles: export each one as a draw (``n`` is
+        # ignored) and no log q, which point masses do not have.
+        z = guide.particles.detach()
+        log_p = guide.log_joint(model, z)
+        latents = guide.constrain(model, z)
+        stats = {"log_p": _np(log_p)[None]}
+    else:
+        with seeded(seed, guide.device):
+            z, log_q = guide.sample_and_log_prob((n,))
+        log_p = guide.log_joint(model, z)
+        latents = guide.constrain(model, z)
+        stats = {
+            "log_p": _np(log_p)[None],
+            "log_q": _np(log_q)[None],
+            "log_weight": _np(log_p - log_q)[None],
+        }
     posterior = {k: _np(v)[None] for k, v in latents.items()}
-    stats = {
-        "log_p": _np(log_p)[None],
-        "log_q": _np(log_q)[None],
-        "log_weight": _np(log_p - log_q)[None],
-    }
     groups = {"posterior": posterior, "sample_stats": stats}
     pointwise = model.pointwise_log_likelihood(latents)
     if pointwise:

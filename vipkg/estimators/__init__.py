@@ -5,6 +5,7 @@ from vipkg.estimators.bures import BWSGD, FBGVI, smoothness_constant, smoothness
 from vipkg.estimators.reparam import Reparam
 from vipkg.estimators.rsvi import RSVI
 from vipkg.estimators.score import ScoreFunction
+from vipkg.estimators.stein import IMQ, RBF, SVGD, MirroredSVGD, mirrored_svgd_direction, svgd_direction
 
 __all__ = [
     "Estimator",
@@ -17,4 +18,10 @@ __all__ = [
     "BWSGD",
     "smoothness_constant",
     "smoothness_step_size",
+    "SVGD",
+    "MirroredSVGD",
+    "RBF",
+    "IMQ",
+    "svgd_direction",
+    "mirrored_svgd_direction",
 ]

@@ -2,6 +2,28 @@
 
 from vipkg.guides.base import Guide
 from vipkg.guides.gaussian import FullRankNormal, LowRankNormal, MeanFieldNormal
+from vipkg.guides.particles import (
+    Empirical,
+    EntropicBox,
+    EntropicOrthant,
+    EntropicSimplex,
+    MirrorMap,
+    Particles,
+)
 from vipkg.guides.positive import Beta, Dirichlet, Gamma
 
-__all__ = ["Guide", "MeanFieldNormal", "FullRankNormal", "LowRankNormal", "Gamma", "Beta", "Dirichlet"]
+__all__ = [
+    "Guide",
+    "MeanFieldNormal",
+    "FullRankNormal",
+    "LowRankNormal",
+    "Gamma",
+    "Beta",
+    "Dirichlet",
+    "Particles",
+    "Empirical",
+    "MirrorMap",
+    "EntropicSimplex",
+    "EntropicBox",
+    "EntropicOrthant",
+]
