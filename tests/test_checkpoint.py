@@ -124,7 +124,7 @@ def test_survives_sigkill_at_random_moments(tmp_path):
     """Kill a fitting process with SIGKILL again and again; each restart resumes. The checkpoint
     always loads, at most ``checkpoint_every`` steps are lost per kill, and the result equals the
     uninterrupted run's."""
-    steps, every = 20000, 200
+    steps, every = 8000, 200
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     rng = random.Random(0)
     path = str(tmp_path / "run.ckpt")
@@ -140,7 +140,7 @@ def test_survives_sigkill_at_random_moments(tmp_path):
             # Wait for the first progress line so the kill lands inside the fit, then a random delay.
             first = proc.stdout.readline()
             assert first, "the child fit printed nothing: it failed before fitting"
-            time.sleep(rng.uniform(0.0, 0.25))
+            time.sleep(rng.uniform(0.0, 0.08))
             proc.kill()
             out, _ = proc.communicate()
             done = [int(x) for x in (first + out).split() if x.isdigit()]
@@ -151,7 +151,7 @@ def test_survives_sigkill_at_random_moments(tmp_path):
                 saved = load_checkpoint(path)["step"]  # always loads
                 assert max(done, default=0) - saved <= every
         else:
-            out, _ = proc.communicate(timeout=120)
+            out, _ = proc.communicate(timeout=600)
             assert proc.returncode == 0 and "done" in out
             break
     assert kills == 10
