@@ -1,4 +1,5 @@
 import io
+import math
 import subprocess
 import sys
 
@@ -23,7 +24,12 @@ def test_compare_writes_table_netcdf_and_plot(tmp_path):
     )
     assert [r["estimator"] for r in rows][:2] == ["reparam-meanfield-elbo", "reparam-fullrank-elbo"]
     for r in rows:
-        assert r["ms_per_step"] > 0 and r["grad_trace_var"] > 0 and r["loss_se"] > 0
+        assert r["ms_per_step"] > 0
+        if r["estimator"].startswith("svgd"):
+            # Full-data SVGD is deterministic given the particles, and particles have no bound.
+            assert r["grad_trace_var"] == 0 and math.isnan(r["loss"])
+        else:
+            assert r["grad_trace_var"] > 0 and r["loss_se"] > 0
     table = (tmp_path / "compare.md").read_text()
     assert "| reparam-fullrank-iwae8 |" in table
     idata = az.from_netcdf(str(tmp_path / "compare.nc"))
@@ -31,7 +37,7 @@ def test_compare_writes_table_netcdf_and_plot(tmp_path):
     for png in ("loss_traces.png", "grad_variance.png", "khat.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "posterior.png").exists()  # eight schools has no closed-form reference
-    assert all(0 < r["khat"] < 10 for r in rows)
+    assert all(math.isfinite(r["khat"]) != r["estimator"].startswith("svgd") for r in rows)
     assert "| PSIS k-hat |" in table
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
 

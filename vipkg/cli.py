@@ -37,8 +37,17 @@ class Config:
 
 def _configs():
     import vipkg
-    from vipkg.estimators import BWSGD, FBGVI, RSVI, SVGD, ScoreFunction
-    from vipkg.guides import Beta, Dirichlet, FullRankNormal, Gamma, LowRankNormal, MeanFieldNormal, Particles
+    from vipkg.estimators import BWSGD, FBGVI, RSVI, STL, SVGD, DReG, FastPath, ScoreFunction
+    from vipkg.guides import (
+        Beta,
+        Dirichlet,
+        Flow,
+        FullRankNormal,
+        Gamma,
+        LowRankNormal,
+        MeanFieldNormal,
+        Particles,
+    )
 
     def rsvi1():
         return RSVI(boost=1)
@@ -46,12 +55,20 @@ def _configs():
     def iwae8():
         return vipkg.IWAE(8)
 
+    def realnvp(model):
+        return Flow.real_nvp(model, layers=4, hidden=32)
+
     return [
         Config("reparam-meanfield-elbo", MeanFieldNormal, vipkg.Reparam, vipkg.ELBO),
         Config("reparam-fullrank-elbo", FullRankNormal, vipkg.Reparam, vipkg.ELBO),
         Config("reparam-lowrank2-elbo", lambda m: LowRankNormal(m, rank=2), vipkg.Reparam, vipkg.ELBO),
         Config("reparam-meanfield-iwae8", MeanFieldNormal, vipkg.Reparam, iwae8),
         Config("reparam-fullrank-iwae8", FullRankNormal, vipkg.Reparam, iwae8),
+        Config("stl-meanfield-elbo", MeanFieldNormal, STL, vipkg.ELBO),
+        Config("stl-fullrank-elbo", FullRankNormal, STL, vipkg.ELBO),
+        Config("dreg-fullrank-iwae8", FullRankNormal, DReG, iwae8),
+        Config("reparam-realnvp4-elbo", realnvp, vipkg.Reparam, vipkg.ELBO),
+        Config("fastpath-realnvp4-elbo", realnvp, FastPath, vipkg.ELBO),
         Config("score-meanfield-elbo", MeanFieldNormal, ScoreFunction, vipkg.ELBO),
         # Bures-Wasserstein steps own their update; eta ~ 0.5 / L near the breast-cancer MAP.
         Config("fbgvi-elbo", FullRankNormal, lambda: FBGVI(0.005), vipkg.ELBO),

@@ -13,6 +13,11 @@ def test_importance_ess_limits():
     lw = torch.full((50,), -1e3)
     lw[3] = 0.0
     assert float(importance_ess(lw)) == pytest.approx(1.0)
+    assert float(importance_ess(lw, normalized=True)) == pytest.approx(1 / 50)
+    # invariant to the (unknown) normalizer and batched over leading dims
+    lw = torch.randn(3, 50, dtype=torch.float64)
+    assert torch.allclose(importance_ess(lw), importance_ess(lw + 7.0))
+    assert importance_ess(lw).shape == (3,)
 
 
 def _target(d=5):

@@ -2,6 +2,7 @@
 
 from vipkg.estimators.base import Estimator, IncompatibleEstimatorError, StepInfo
 from vipkg.estimators.bures import BWSGD, FBGVI, smoothness_constant, smoothness_step_size
+from vipkg.estimators.path import STL, DReG, FastPath
 from vipkg.estimators.reparam import Reparam
 from vipkg.estimators.rsvi import RSVI
 from vipkg.estimators.score import ScoreFunction
@@ -12,6 +13,9 @@ __all__ = [
     "StepInfo",
     "IncompatibleEstimatorError",
     "Reparam",
+    "STL",
+    "DReG",
+    "FastPath",
     "RSVI",
     "ScoreFunction",
     "FBGVI",

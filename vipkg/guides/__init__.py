@@ -1,6 +1,7 @@
 """Variational families: ``torch.nn.Module`` subclasses whose call returns a Distribution."""
 
 from vipkg.guides.base import Guide
+from vipkg.guides.flow import Flow
 from vipkg.guides.gaussian import FullRankNormal, LowRankNormal, MeanFieldNormal
 from vipkg.guides.particles import (
     Empirical,
@@ -20,6 +21,7 @@ __all__ = [
     "Gamma",
     "Beta",
     "Dirichlet",
+    "Flow",
     "Particles",
     "Empirical",
     "MirrorMap",

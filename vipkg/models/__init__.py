@@ -6,6 +6,7 @@ the default) and as a Pyro program (``form="pyro"``); the tests check they agree
 
 from vipkg.models.conjugate import dirichlet_multinomial, gamma_poisson
 from vipkg.models.eight_schools import eight_schools
+from vipkg.models.flow_targets import gaussian_mixture, phi4
 from vipkg.models.gamma_def import sparse_gamma_def
 from vipkg.models.gaussians import funnel, gaussian, linear_regression_conjugate
 from vipkg.models.logistic import logistic_regression
@@ -20,6 +21,8 @@ ZOO = {
     "dirichlet_multinomial": dirichlet_multinomial,
     "gamma_poisson": gamma_poisson,
     "sparse_gamma_def": sparse_gamma_def,
+    "gaussian_mixture": gaussian_mixture,
+    "phi4": phi4,
 }
 
 __all__ = [
@@ -32,4 +35,6 @@ __all__ = [
     "dirichlet_multinomial",
     "gamma_poisson",
     "sparse_gamma_def",
+    "gaussian_mixture",
+    "phi4",
 ]

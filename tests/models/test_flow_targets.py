@@ -1,0 +1,120 @@
+import math
+
+import pytest
+import torch
+
+import vipkg
+from vipkg.diagnostics import importance_ess
+from vipkg.estimators.path import FastPath
+from vipkg.guides.flow import Flow
+from vipkg.models.flow_targets import gaussian_mixture, phi4, phi4_action
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These tensors are tiny; a second intra-op thread only spins (measured 4x slower
+    # wall time on a shared 2-core machine), so run this module single-threaded.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+MAKERS = {
+    "mixture_corners": lambda **kw: gaussian_mixture(3, **kw),
+    "mixture_subset": lambda **kw: gaussian_mixture(5, num_modes=6, seed=2, **kw),
+    "phi4": lambda **kw: phi4(4, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_tensor_and_pyro_forms_agree(name):
+    a = MAKERS[name](form="tensor", dtype=F64)
+    b = MAKERS[name](form="pyro", dtype=F64)
+    assert list(a.sites) == list(b.sites)
+    assert {k: s.shape for k, s in a.sites.items()} == {k: s.shape for k, s in b.sites.items()}
+    u = 1.5 * torch.randn(7, a.dim, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert torch.allclose(a.log_joint_unconstrained(u), b.log_joint_unconstrained(u), rtol=1e-10, atol=1e-10)
+    assert a.pointwise_log_likelihood(a.constrain(u)) == b.pointwise_log_likelihood(b.constrain(u)) == {}
+
+
+def test_mixture_is_normalized_with_exact_moments():
+    model = gaussian_mixture(2, scale=0.5, dtype=F64)
+    t = torch.linspace(-5, 5, 501, dtype=F64)
+    h = float(t[1] - t[0])
+    grid = torch.cartesian_prod(t, t)
+    p = model.log_joint({"x": grid}).exp() * h * h
+    assert abs(float(p.sum()) - 1.0) < 1e-6
+    mean = (p[:, None] * grid).sum(0)
+    cov = (p[:, None, None] * (grid - mean)[:, :, None] * (grid - mean)[:, None, :]).sum(0)
+    assert torch.allclose(mean, model.reference["mean"], atol=1e-6)
+    assert torch.allclose(cov, model.reference["cov"], atol=1e-6)
+    # four modes at the corners (+-1, +-1); the density is higher there than at the origin
+    means = model.reference["means"]
+    assert {tuple(m.tolist()) for m in means} == {(-1.0, -1.0), (-1.0, 1.0), (1.0, -1.0), (1.0, 1.0)}
+    lp = model.log_joint({"x": torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=F64)})
+    assert lp[0] > lp[1] + 1.0
+
+
+def test_mixture_subset_is_seeded_and_distinct():
+    a = gaussian_mixture(6, num_modes=10, seed=1).reference["means"]
+    b = gaussian_mixture(6, num_modes=10, seed=1).reference["means"]
+    c = gaussian_mixture(6, num_modes=10, seed=2).reference["means"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len({tuple(m.tolist()) for m in a}) == 10
+    assert set(a.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_phi4_action_values_and_symmetries():
+    kappa, lam, L = 0.3, 0.022, 4
+    c = 0.7
+    phi = torch.full((1, L, L), c, dtype=F64)
+    expected = L * L * (-2 * kappa * 2 * c**2 + (1 - 2 * lam) * c**2 + lam * c**4)
+    assert torch.allclose(phi4_action(phi, kappa, lam), torch.tensor([expected], dtype=F64))
+    phi = torch.randn(5, L, L, generator=torch.Generator().manual_seed(0), dtype=F64)
+    s = phi4_action(phi, kappa, lam)
+    assert torch.allclose(phi4_action(-phi, kappa, lam), s)  # Z2 symmetry
+    assert torch.allclose(phi4_action(torch.roll(phi, (1, 2), (-2, -1)), kappa, lam), s)  # translations
+    assert torch.allclose(phi4_action(phi.transpose(-1, -2), kappa, lam), s)  # lattice rotation
+    model = phi4(L, dtype=F64)
+    assert model.dim == L * L and model.sites["phi"].shape == (L, L)
+    assert torch.allclose(model.log_joint({"phi": phi}), -s)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: gaussian_mixture(13), "num_modes"),
+        (lambda: gaussian_mixture(2, num_modes=5), "exceeds"),
+        (lambda: gaussian_mixture(2, scale=0.0), "scale"),
+        (lambda: gaussian_mixture(0), "dim"),
+        (lambda: phi4(1), "L must be"),
+        (lambda: phi4(4, lam=-1.0), "lam > 0"),
+        (lambda: phi4(4, form="stan"), "form"),
+    ],
+)
+def test_bad_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_flow_on_mixture_raises_importance_ess():
+    torch.manual_seed(0)
+    model = gaussian_mixture(2, scale=0.3, dtype=F64)
+    guide = Flow.real_nvp(model, layers=4, hidden=32, dtype=F64)
+
+    def ess_and_kl():
+        with torch.no_grad(), vipkg._rng.seeded(9):
+            z, log_q = guide.rsample_and_log_prob((4000,))
+            log_w = guide.log_joint(model, z) - log_q
+            # normalized target: KL(q || p) = -E[log w]
+            return float(importance_ess(log_w, normalized=True)), float(-log_w.mean())
+
+    ess0, kl0 = ess_and_kl()
+    vipkg.fit(model, guide, FastPath(), steps=400, num_particles=64, lr=1e-2, seed=0, progress=False)
+    ess1, kl1 = ess_and_kl()
+    # measured: ESS 0.24 -> 0.67, KL 2.39 -> 0.59 (all four modes covered)
+    assert math.isfinite(ess1) and ess1 > 2 * ess0, (ess0, ess1)
+    assert kl1 < 0.4 * kl0, (kl0, kl1)
