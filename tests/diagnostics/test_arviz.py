@@ -29,6 +29,11 @@ def test_to_arviz_groups_and_netcdf_roundtrip(tmp_path):
     assert bool((post["tau"] > 0).all())
     stats = idata.sample_stats
     np.testing.assert_allclose(stats["log_weight"], stats["log_p"] - stats["log_q"], rtol=1e-5, atol=1e-4)
+    # Pareto-smoothed weights are normalized and keep the order of the raw ones.
+    psis = stats["psis_log_weight"].values[0]
+    np.testing.assert_allclose(np.exp(psis).sum(), 1.0, rtol=1e-8)
+    raw = stats["log_weight"].values[0]
+    assert np.argmax(psis) == np.argmax(raw) and np.argmin(psis) == np.argmin(raw)
     assert idata.optimization["loss"].shape == (100,)
     assert list(idata.optimization["diag_step"].values) == [0, 50, 100]
     assert str(idata.optimization["estimator"].values) == "Reparam"

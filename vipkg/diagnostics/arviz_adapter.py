@@ -100,7 +100,8 @@ def to_arviz(result, n: int = 1000, seed: int | None = 0):
 
     Groups: ``posterior`` (``n`` guide draws as named constrained sites, one chain; for a
     particle guide the particles themselves, whatever ``n``),
-    ``sample_stats`` (``log_p``, ``log_q``, ``log_weight`` per draw; only ``log_p`` for particles),
+    ``sample_stats`` (``log_p``, ``log_q``, ``log_weight`` and the normalized Pareto-smoothed
+    ``psis_log_weight`` per draw; only ``log_p`` for particles),
     ``log_likelihood`` (when the model has per-datum terms), ``observed_data``
     (when known) and ``optimization`` (loss per step, gradient variance per
     recorded step, elapsed seconds, estimator name).
@@ -118,11 +119,11 @@ def to_arviz(result, n: int = 1000, seed: int | None = 0):
             z, log_q = guide.sample_and_log_prob((n,))
         log_p = guide.log_joint(model, z)
         latents = guide.constrain(model, z)
-        stats = {
-            "log_p": _np(log_p)[None],
-            "log_q": _np(log_q)[None],
-            "log_weight": _np(log_p - log_q)[None],
-        }
+        log_w = _np(log_p - log_q)
+        stats = {"log_p": _np(log_p)[None], "log_q": _np(log_q)[None], "log_weight": log_w[None]}
+        if n >= 100 and np.isfinite(log_w).all():  # PSIS needs a tail to fit
+            smoothed, _ = psislw(log_w)
+            stats["psis_log_weight"] = smoothed[None]
     posterior = {k: _np(v)[None] for k, v in latents.items()}
     groups = {"posterior": posterior, "sample_stats": stats}
     pointwise = model.pointwise_log_likelihood(latents)
