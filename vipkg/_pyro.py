@@ -44,6 +44,15 @@ def _is_sample(site) -> bool:
     return site["type"] == "sample" and not isinstance(site["fn"], _Subsample)
 
 
+def _dependencies(fn, args, kwargs, latent_names):
+    """For every sample site, the latent sites its log density depends on (Pyro's provenance tracking)."""
+    from pyro.infer.inspect import get_dependencies
+
+    with torch.random.fork_rng(devices=[]):
+        deps = get_dependencies(fn, args, kwargs)["prior_dependencies"]
+    return {site: set(up) & latent_names for site, up in deps.items()}
+
+
 def pyro_model(cls, fn, args, kwargs, *, name):
     import pyro
     import pyro.poutine as poutine
@@ -146,9 +155,32 @@ def pyro_model(cls, fn, args, kwargs, *, name):
                 out[site_name] = lp.reshape(lp.shape[0], -1).expand(S, -1)
         return out
 
+    def terms(latents, data):
+        tr, S = run(latents, data)
+        out = {}
+        for site_name, site in tr.nodes.items():
+            if _is_sample(site):
+                lp = site["log_prob"]
+                lp = lp.reshape((1,) * (nesting + 1 - lp.dim()) + tuple(lp.shape))
+                rest = list(lp.shape[1:])
+                # Plates the site is not in show up as leading size-1 dims: drop them so
+                # the term's local shape lines up with the sites that share its plates.
+                while rest and rest[0] == 1:
+                    rest.pop(0)
+                out[site_name] = lp.reshape(lp.shape[0], *rest).expand(S, *rest)
+        return out
+
+    term_sites = None
+    if any(s.is_discrete for s in sites.values()):
+        # Only programs with discrete sites pay for the dependency trace: they are the
+        # ones score-function estimators must Rao-Blackwellize to be usable.
+        term_sites = _dependencies(fn, args, kwargs, latent_names)
+
     model = cls(
         sites,
         log_joint,
+        log_joint_terms=None if term_sites is None else terms,
+        term_sites=term_sites,
         data=data,
         name=name,
         pointwise_log_likelihood=pointwise,

@@ -37,9 +37,22 @@ class Config:
 
 def _configs():
     import vipkg
-    from vipkg.estimators import BWSGD, FBGVI, RSVI, STL, SVGD, DReG, FastPath, ScoreFunction
+    from vipkg.estimators import (
+        BWSGD,
+        FBGVI,
+        RSVI,
+        STL,
+        SVGD,
+        DReG,
+        FastPath,
+        GumbelSoftmax,
+        LeaveOneOut,
+        OptimalScaling,
+        ScoreFunction,
+    )
     from vipkg.guides import (
         Beta,
+        Composite,
         Dirichlet,
         Flow,
         FullRankNormal,
@@ -47,6 +60,7 @@ def _configs():
         LowRankNormal,
         MeanFieldNormal,
         Particles,
+        PerSite,
     )
 
     def rsvi1():
@@ -70,6 +84,13 @@ def _configs():
         Config("reparam-realnvp4-elbo", realnvp, vipkg.Reparam, vipkg.ELBO),
         Config("fastpath-realnvp4-elbo", realnvp, FastPath, vipkg.ELBO),
         Config("score-meanfield-elbo", MeanFieldNormal, ScoreFunction, vipkg.ELBO),
+        Config("score-loo-meanfield-elbo", MeanFieldNormal, lambda: ScoreFunction(LeaveOneOut()), vipkg.ELBO),
+        Config(
+            "score-optscale-meanfield-elbo",
+            MeanFieldNormal,
+            lambda: ScoreFunction(OptimalScaling(), rao_blackwellize=False),
+            vipkg.ELBO,
+        ),
         # Bures-Wasserstein steps own their update; eta ~ 0.5 / L near the breast-cancer MAP.
         Config("fbgvi-elbo", FullRankNormal, lambda: FBGVI(0.005), vipkg.ELBO),
         Config(
@@ -85,12 +106,21 @@ def _configs():
         Config("implicit-dirichlet-elbo", Dirichlet, vipkg.Reparam, vipkg.ELBO),
         Config("score-gamma-elbo", Gamma, ScoreFunction, vipkg.ELBO),
         Config("score-dirichlet-elbo", Dirichlet, ScoreFunction, vipkg.ELBO),
+        # Discrete sites: a score-function or Gumbel-softmax part next to Reparam parts.
+        Config("persite-reparam+score-loo-elbo", Composite.auto, PerSite, vipkg.ELBO, lr=0.05),
+        Config(
+            "persite-reparam+gumbel-elbo",
+            lambda m: Composite.auto(m, discrete_estimator=lambda: GumbelSoftmax(0.5, hard=True)),
+            PerSite,
+            vipkg.ELBO,
+            lr=0.05,
+        ),
         # 100 particles moved by SVGD: no density, so the loss and k-hat columns are nan.
         Config("svgd-particles100", lambda m: Particles(m, n=100, init_scale=0.1), SVGD, vipkg.ELBO, lr=0.05),
     ]
 
 
-def _build(cfg: Config, model):
+def _build(cfg: Config, model, num_particles: int):
     """The (guide, estimator, objective) of a line, or the reason it does not fit ``model``."""
     from vipkg.estimators import IncompatibleEstimatorError
     from vipkg.model import ModelError
@@ -98,6 +128,7 @@ def _build(cfg: Config, model):
     try:
         guide, estimator, objective = cfg.guide(model), cfg.estimator(), cfg.objective()
         estimator.check(model, guide, objective)
+        estimator.check_particles(num_particles)
     except (IncompatibleEstimatorError, ModelError, ValueError) as err:
         return None, str(err)
     return (guide, estimator, objective), None
@@ -110,7 +141,7 @@ def _final_bound(result, draws: int, seed: int) -> tuple[float, float]:
         return math.nan, math.nan  # particles carry no density, so there is no bound
     S, K = result.objective.sample_shape(draws)
     with seeded(seed, result.guide.device):
-        z, log_q = result.guide.rsample_and_log_prob((S, K))
+        z, log_q = result.guide.sample_and_log_prob((S, K))  # works for discrete guides too
     per = -result.objective.per_group(result.guide.log_joint(result.model, z) - log_q).double()
     return float(per.mean()), float(per.std() / math.sqrt(per.numel()))
 
@@ -166,7 +197,7 @@ def compare(
     for cfg in configs or _configs():
         if only and not any(cfg.label.startswith(prefix) for prefix in only):
             continue
-        built, reason = _build(cfg, model)
+        built, reason = _build(cfg, model, num_particles)
         if built is None:
             skipped.append((cfg.label, reason))
             continue

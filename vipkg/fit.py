@@ -114,25 +114,32 @@ def _progress_enabled(progress) -> bool:
     return sys.stderr.isatty()
 
 
-def _compiled(step_fn):
+def _compiled(step_fn, device=None):
     # fallback_random keeps the draws identical to eager steps with the same seed,
     # so compile=True changes speed, not the trajectory.
     compiled = torch.compile(step_fn, options={"fallback_random": True})
-    state = {"fn": compiled}
+    state = {"fn": compiled, "first": True}
 
     def run():
+        if state["fn"] is step_fn:
+            return step_fn()
+        # A failing first call can run part of the step for real (the graph before a
+        # break draws particles), so the fallback restarts from the RNG state before it.
+        saved = _rng_state(device) if state["first"] and device is not None else None
         try:
-            return state["fn"]()
+            out = state["fn"]()
         except Exception as err:  # compile failures surface on first call
-            if state["fn"] is step_fn:
-                raise
             warnings.warn(
                 f"compile=True failed ({type(err).__name__}: {err}); falling back to eager steps.",
                 RuntimeWarning,
                 stacklevel=3,
             )
+            if saved is not None:
+                _set_rng_state(saved, device)
             state["fn"] = step_fn
             return step_fn()
+        state["first"] = False
+        return out
 
     return run
 
@@ -247,6 +254,7 @@ def fit(
     device = guide.device
     model = model.to(device=device, dtype=guide.dtype)
     estimator.check(model, guide, objective)
+    estimator.check_particles(num_particles)
     opt = _make_optimizer(optimizer, list(guide.parameters()), lr)
     sched = scheduler(opt) if scheduler is not None else None
 
@@ -255,7 +263,7 @@ def fit(
 
     if nan_policy == "skip":
         step_fn = _undo_if_not_finite(step_fn, list(guide.parameters()), opt)
-    step = _compiled(step_fn) if compile else step_fn
+    step = _compiled(step_fn, device) if compile else step_fn
     losses = torch.empty(steps, device=device, dtype=guide.dtype)
     diag: dict = {}
     if diagnostics is not None:

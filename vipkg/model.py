@@ -97,6 +97,13 @@ class Model:
         ``(fn, args, kwargs)`` of an equivalent Pyro program, when there is one.
     observed : mapping of str to Tensor, optional
         Observed values by site name, for ArviZ's ``observed_data`` group.
+    log_joint_terms : callable, optional
+        ``fn(latents, data) -> dict[term, Tensor[S, *local]]``: the log joint split
+        into factors whose sum (over every dimension but the first) is the log joint.
+        With ``term_sites`` it lets score-function estimators Rao-Blackwellize:
+        each site's score is multiplied only by the terms that depend on it.
+    term_sites : mapping of str to iterable of str, optional
+        For each term, the latent sites it depends on.
 
     Notes
     -----
@@ -123,6 +130,8 @@ class Model:
         pointwise_log_likelihood: Callable | None = None,
         pyro_model: tuple | None = None,
         observed: Mapping[str, torch.Tensor] | None = None,
+        log_joint_terms: Callable | None = None,
+        term_sites: Mapping[str, Any] | None = None,
     ):
         if not sites:
             raise ModelError(f"model {name!r} has no latent sites; there is nothing to infer.")
@@ -134,6 +143,22 @@ class Model:
         self.pointwise_log_likelihood_fn = pointwise_log_likelihood
         self.pyro_model = pyro_model
         self.observed = dict(observed or {})
+        if (log_joint_terms is None) != (term_sites is None):
+            raise ModelError(
+                f"model {name!r}: log_joint_terms and term_sites go together (the terms, and the "
+                "latent sites each depends on); pass both or neither."
+            )
+        self._terms_fn = log_joint_terms
+        self.term_sites = None
+        if term_sites is not None:
+            self.term_sites = {t: frozenset(v) for t, v in term_sites.items()}
+            for t, v in self.term_sites.items():
+                unknown = set(v) - set(sites)
+                if unknown:
+                    raise ModelError(
+                        f"model {name!r}: term {t!r} depends on unknown site(s) {sorted(unknown)}; "
+                        f"the latent sites are {list(sites)}."
+                    )
         self._transforms: dict[str, Transform] = {}
         self._ushapes: dict[str, torch.Size] = {}
         for k, s in self.sites.items():
@@ -198,6 +223,20 @@ class Model:
                 "summed over data and event dimensions."
             )
         return out
+
+    @property
+    def has_terms(self) -> bool:
+        """Whether the log joint is available split into factors (see ``log_joint_terms``)."""
+        return self._terms_fn is not None
+
+    def log_joint_terms(self, latents: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The log joint's factors ``{term: Tensor[S, *local]}``; they sum to :meth:`log_joint`."""
+        if self._terms_fn is None:
+            raise ModelError(
+                f"model {self.name!r} does not expose its log joint split into terms; build it with "
+                "log_joint_terms= and term_sites= (Pyro models do this automatically)."
+            )
+        return self._terms_fn(dict(latents), self.data)
 
     def log_joint_unconstrained(self, u: torch.Tensor) -> torch.Tensor:
         """log p(x, T(u)) + log |det dT/du| per particle for ``u: Tensor[S, dim]``."""
@@ -290,12 +329,17 @@ class Model:
 
     @classmethod
     def from_pyro(cls, fn: Callable, *args, name: str | None = None, **kwargs) -> Model:
-        """A model from any Pyro program with continuous latent sites.
+        """A model from any Pyro program.
 
         The program is traced once to find its latent sites (name, shape, support)
-        and its observed sites. Particles are vectorized by running the program
-        under an outer ``pyro.plate`` left of every plate it uses, conditioned on
-        the latent values, so there is no Python loop over particles.
+        and its observed sites. Discrete latent sites are allowed (guides over
+        named sites handle them); for programs with discrete sites the model also
+        exposes its log joint per site (:meth:`log_joint_terms`) with each site's
+        dependencies from Pyro's provenance tracking, which score-function
+        estimators use to Rao-Blackwellize per site and per datum. Particles are
+        vectorized by running the program under an outer ``pyro.plate`` left of
+        every plate it uses, conditioned on the latent values, so there is no
+        Python loop over particles.
 
         Parameters
         ----------

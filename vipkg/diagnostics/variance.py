@@ -63,6 +63,7 @@ def gradient_samples(
     if not isinstance(repeats, int) or repeats < 2:
         raise ValueError(f"repeats must be an int >= 2 to measure variance, got {repeats!r}.")
     estimator.check(model, guide, objective)
+    estimator.check_particles(num_particles)
     params = dict(guide.named_parameters())
     saved_values = {n: p.detach().clone() for n, p in params.items()}
     saved_grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in params.items()}

@@ -2,7 +2,17 @@
 
 from vipkg.estimators.base import Estimator, IncompatibleEstimatorError, StepInfo
 from vipkg.estimators.bures import BWSGD, FBGVI, smoothness_constant, smoothness_step_size
+from vipkg.estimators.control_variates import (
+    ControlVariate,
+    Learned,
+    LeaveOneOut,
+    MovingAverage,
+    OptimalScaling,
+    Stein,
+    chain,
+)
 from vipkg.estimators.path import STL, DReG, FastPath
+from vipkg.estimators.relaxed import Anneal, GumbelSoftmax
 from vipkg.estimators.reparam import Reparam
 from vipkg.estimators.rsvi import RSVI
 from vipkg.estimators.score import ScoreFunction
@@ -18,6 +28,15 @@ __all__ = [
     "FastPath",
     "RSVI",
     "ScoreFunction",
+    "ControlVariate",
+    "MovingAverage",
+    "LeaveOneOut",
+    "OptimalScaling",
+    "Learned",
+    "Stein",
+    "chain",
+    "GumbelSoftmax",
+    "Anneal",
     "FBGVI",
     "BWSGD",
     "smoothness_constant",

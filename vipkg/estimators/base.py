@@ -44,6 +44,10 @@ class Estimator(abc.ABC):
     def check(self, model, guide, objective) -> None:
         """Raise :class:`IncompatibleEstimatorError` when this estimator cannot serve the triple."""
 
+    def check_particles(self, num_particles: int) -> None:
+        """Raise ``ValueError`` when ``num_particles`` is too few for this estimator (e.g. a
+        leave-one-out baseline needs two); every count is fine by default."""
+
     @abc.abstractmethod
     def estimate(self, model, guide, objective, num_particles: int) -> StepInfo:
         """Write a gradient estimate of the loss into ``.grad``; no optimizer step."""

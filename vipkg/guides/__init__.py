@@ -1,6 +1,8 @@
 """Variational families: ``torch.nn.Module`` subclasses whose call returns a Distribution."""
 
 from vipkg.guides.base import Guide
+from vipkg.guides.composite import Composite, PerSite
+from vipkg.guides.discrete import Bernoulli, Categorical
 from vipkg.guides.flow import Flow
 from vipkg.guides.gaussian import FullRankNormal, LowRankNormal, MeanFieldNormal
 from vipkg.guides.particles import (
@@ -22,6 +24,10 @@ __all__ = [
     "Beta",
     "Dirichlet",
     "Flow",
+    "Categorical",
+    "Bernoulli",
+    "Composite",
+    "PerSite",
     "Particles",
     "Empirical",
     "MirrorMap",

@@ -10,6 +10,7 @@ from vipkg.models.flow_targets import gaussian_mixture, phi4
 from vipkg.models.gamma_def import sparse_gamma_def
 from vipkg.models.gaussians import funnel, gaussian, linear_regression_conjugate
 from vipkg.models.logistic import logistic_regression
+from vipkg.models.mixture import discrete_mixture, sigmoid_belief_net
 
 #: name -> constructor, for the CLI and the zoo-wide tests
 ZOO = {
@@ -23,6 +24,8 @@ ZOO = {
     "sparse_gamma_def": sparse_gamma_def,
     "gaussian_mixture": gaussian_mixture,
     "phi4": phi4,
+    "discrete_mixture": discrete_mixture,
+    "sigmoid_belief_net": sigmoid_belief_net,
 }
 
 __all__ = [
@@ -37,4 +40,6 @@ __all__ = [
     "sparse_gamma_def",
     "gaussian_mixture",
     "phi4",
+    "discrete_mixture",
+    "sigmoid_belief_net",
 ]
