@@ -4,13 +4,16 @@ Every model exists as a fast hand-written batched log density (``form="tensor"``
 the default) and as a Pyro program (``form="pyro"``); the tests check they agree.
 """
 
+from vipkg.models.bnn import bnn_regression
 from vipkg.models.conjugate import dirichlet_multinomial, gamma_poisson
 from vipkg.models.eight_schools import eight_schools
 from vipkg.models.flow_targets import gaussian_mixture, phi4
 from vipkg.models.gamma_def import sparse_gamma_def
 from vipkg.models.gaussians import funnel, gaussian, linear_regression_conjugate
+from vipkg.models.gp_classification import gp_classification
 from vipkg.models.logistic import logistic_regression
 from vipkg.models.mixture import discrete_mixture, sigmoid_belief_net
+from vipkg.models.targets import banana
 
 #: name -> constructor, for the CLI and the zoo-wide tests
 ZOO = {
@@ -26,6 +29,9 @@ ZOO = {
     "phi4": phi4,
     "discrete_mixture": discrete_mixture,
     "sigmoid_belief_net": sigmoid_belief_net,
+    "bnn_regression": bnn_regression,
+    "banana": banana,
+    "gp_classification": gp_classification,
 }
 
 __all__ = [
@@ -42,4 +48,7 @@ __all__ = [
     "phi4",
     "discrete_mixture",
     "sigmoid_belief_net",
+    "bnn_regression",
+    "banana",
+    "gp_classification",
 ]
