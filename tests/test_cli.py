@@ -96,10 +96,12 @@ def test_cli_entry_point_runs_as_module(tmp_path):
             "--out",
             str(tmp_path),
             "--no-progress",
+            "--only",
+            "reparam-meanfield,svgd",
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr
     assert "reparam-meanfield-elbo" in out.stdout
