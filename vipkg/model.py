@@ -104,6 +104,11 @@ class Model:
         each site's score is multiplied only by the terms that depend on it.
     term_sites : mapping of str to iterable of str, optional
         For each term, the latent sites it depends on.
+    per_datum : tuple of str, optional
+        Entries of ``data`` whose leading dimension indexes data points, when the log
+        joint is the prior plus a sum over those rows with global latents only (zero
+        rows give the prior). Lets :func:`vipkg.distributed.shard` split the data
+        across processes.
 
     Notes
     -----
@@ -132,6 +137,7 @@ class Model:
         observed: Mapping[str, torch.Tensor] | None = None,
         log_joint_terms: Callable | None = None,
         term_sites: Mapping[str, Any] | None = None,
+        per_datum: tuple[str, ...] = (),
     ):
         if not sites:
             raise ModelError(f"model {name!r} has no latent sites; there is nothing to infer.")
@@ -143,6 +149,12 @@ class Model:
         self.pointwise_log_likelihood_fn = pointwise_log_likelihood
         self.pyro_model = pyro_model
         self.observed = dict(observed or {})
+        self.per_datum = tuple(per_datum)
+        unknown = [k for k in self.per_datum if k not in self.data]
+        if unknown:
+            raise ModelError(
+                f"model {name!r}: per_datum names {unknown}, which are not in its data {sorted(self.data)}."
+            )
         if (log_joint_terms is None) != (term_sites is None):
             raise ModelError(
                 f"model {name!r}: log_joint_terms and term_sites go together (the terms, and the "

@@ -6,7 +6,6 @@ import dataclasses
 import math
 
 import torch
-from torch.distributions import RelaxedOneHotCategorical
 
 from vipkg.estimators.base import Estimator, IncompatibleEstimatorError, StepInfo, surrogate_backward
 from vipkg.objectives import ELBO
@@ -39,6 +38,37 @@ def straight_through(y: torch.Tensor) -> torch.Tensor:
     """Exact one-hot ``argmax y`` in the forward pass, the gradient of the soft ``y`` backwards."""
     hard = torch.nn.functional.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)
     return hard - y.detach() + y
+
+
+def concrete_rsample(logits: torch.Tensor, tau: float, shape=()) -> torch.Tensor:
+    """Relaxed one-hot draws ``softmax((logits + Gumbel) / tau)`` of batch ``shape``.
+
+    Written out rather than through ``RelaxedOneHotCategorical``, whose inner
+    ``Categorical`` validates its arguments with ``if not valid.all()``: a host sync
+    on every step.
+    """
+    shape = torch.Size(shape) + logits.shape
+    tiny = torch.finfo(logits.dtype).tiny
+    u = torch.rand(shape, dtype=logits.dtype, device=logits.device).clamp_(tiny, 1.0)
+    gumbel = -torch.log(-torch.log(u))
+    return torch.softmax((logits + gumbel) / tau, dim=-1)
+
+
+def concrete_log_prob(y: torch.Tensor, logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Log density of the Concrete distribution (Maddison et al. 2017, eq. 3) at ``y`` on the simplex.
+
+    ``log (K-1)! + (K-1) log tau + sum_k (log pi_k - (tau + 1) log y_k) - K log sum_k pi_k y_k^(-tau)``;
+    equal to ``RelaxedOneHotCategorical(tau, logits=logits).log_prob(y)``.
+    """
+    K = logits.shape[-1]
+    log_pi = torch.log_softmax(logits, dim=-1)
+    log_y = torch.log(y)
+    return (
+        math.lgamma(K)
+        + (K - 1) * math.log(tau)
+        + (log_pi - (tau + 1) * log_y).sum(-1)
+        - K * torch.logsumexp(log_pi - tau * log_y, dim=-1)
+    )
 
 
 class GumbelSoftmax(Estimator):
@@ -140,12 +170,9 @@ class GumbelSoftmax(Estimator):
         tau = self.temperature
         latents, log_q = {}, 0.0
         for k, logits in guide.site_logits().items():
-            d = RelaxedOneHotCategorical(
-                torch.as_tensor(tau, dtype=logits.dtype), logits=logits, validate_args=False
-            )
-            y = d.rsample(shape)
+            y = concrete_rsample(logits, tau, shape)
             if self.kl == "relaxed":
-                lp = d.log_prob(y)
+                lp = concrete_log_prob(y, logits, tau)
                 log_q = log_q + lp.reshape(*shape, -1).sum(-1)
             latents[k] = straight_through(y) if self.hard else y
         if self.kl == "analytic":

@@ -82,7 +82,9 @@ class MeanFieldNormal(Guide):
         return F.softplus(self.raw_scale)
 
     def forward(self) -> Independent:
-        return Independent(Normal(self.loc, self.scale), 1)
+        # validate_args=False: torch's checks are `if not valid.all()`, a host sync per call;
+        # the parameterisation (softplus, tril + positive diagonal) already keeps them valid.
+        return Independent(Normal(self.loc, self.scale, validate_args=False), 1, validate_args=False)
 
     def rsample_and_log_prob(self, shape=()):
         scale = self.scale
@@ -138,7 +140,7 @@ class FullRankNormal(Guide):
         return raw.tril(-1) + torch.diag_embed(F.softplus(raw.diagonal()))
 
     def forward(self) -> MultivariateNormal:
-        return MultivariateNormal(self.loc, scale_tril=self.scale_tril)
+        return MultivariateNormal(self.loc, scale_tril=self.scale_tril, validate_args=False)
 
     def rsample_and_log_prob(self, shape=()):
         L = self.scale_tril
@@ -211,4 +213,4 @@ class LowRankNormal(Guide):
         return torch.linalg.cholesky(self.covariance_matrix)
 
     def forward(self) -> LowRankMultivariateNormal:
-        return LowRankMultivariateNormal(self.loc, self.cov_factor, self.cov_diag)
+        return LowRankMultivariateNormal(self.loc, self.cov_factor, self.cov_diag, validate_args=False)

@@ -213,6 +213,7 @@ def linear_regression_conjugate(
         pointwise_log_likelihood=pointwise,
         pyro_model=(_pyro_linear, (X, y, noise_scale, prior_scale), {}),
         observed={"y": y},
+        per_datum=("X", "y"),
     )
 
 

@@ -113,6 +113,7 @@ def logistic_regression(
         pointwise_log_likelihood=pointwise,
         pyro_model=(_pyro_logistic, (X, y, prior_scale, batch_size), {}),
         observed={"y": y},
+        per_datum=("X", "y"),
     )
 
 
