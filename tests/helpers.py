@@ -32,6 +32,17 @@ def assert_unbiased(samples: dict, exact: dict, n_se: float = 4.0, atol: float =
     return worst
 
 
+def random_gaussian_target(d: int = 5, seed: int = 3):
+    """``vipkg.models.gaussian`` with a random, well-conditioned covariance, in float64."""
+    import vipkg
+
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=g, dtype=torch.float64)
+    cov = A @ A.T / d + 0.5 * torch.eye(d, dtype=torch.float64)
+    mean = torch.randn(d, generator=g, dtype=torch.float64)
+    return vipkg.models.gaussian(mean, cov, dtype=torch.float64)
+
+
 def guide_covariance(guide) -> torch.Tensor:
     if hasattr(guide, "covariance_matrix"):
         return guide.covariance_matrix

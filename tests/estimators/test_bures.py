@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vipkg
-from tests.helpers import assert_unbiased, exact_loss_gradient, gaussian_elbo
+from tests.helpers import assert_unbiased, exact_loss_gradient, gaussian_elbo, random_gaussian_target
 from vipkg.diagnostics import gradient_samples, gradient_variance
 from vipkg.estimators.bures import BWSGD, FBGVI, smoothness_constant, smoothness_step_size
 from vipkg.guides import FullRankNormal, MeanFieldNormal
@@ -14,23 +14,9 @@ from vipkg.guides import FullRankNormal, MeanFieldNormal
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Every tensor here is at most 16 x 10 x 10: a second OpenMP thread only adds
-    # synchronisation (tens of ms per op on a busy 2-core machine), no speed.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- targets and helpers
 def _small_gaussian(d=5):
-    g = torch.Generator().manual_seed(3)
-    A = torch.randn(d, d, generator=g, dtype=F64)
-    cov = A @ A.T / d + 0.5 * torch.eye(d, dtype=F64)
-    mean = torch.randn(d, generator=g, dtype=F64)
-    return vipkg.models.gaussian(mean, cov, dtype=F64)
+    return random_gaussian_target(d)
 
 
 def _ill_conditioned(d=10, top=200.0, seed=0):

@@ -32,14 +32,6 @@ CVS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gaussian_problem():
     cov = torch.tensor([[1.0, 0.3, 0.0], [0.3, 0.5, 0.1], [0.0, 0.1, 2.0]], dtype=torch.float64)
     model = vipkg.models.gaussian(torch.tensor([1.0, -0.5, 2.0]), cov, dtype=torch.float64)

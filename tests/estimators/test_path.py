@@ -6,7 +6,7 @@ import torch
 from torch.distributions import Independent, Normal
 
 import vipkg
-from tests.helpers import assert_unbiased, exact_loss_gradient, gaussian_elbo
+from tests.helpers import assert_unbiased, exact_loss_gradient, gaussian_elbo, random_gaussian_target
 from vipkg.diagnostics import gradient_samples, gradient_variance
 from vipkg.estimators.path import (
     STL,
@@ -25,22 +25,8 @@ FAMILIES = [MeanFieldNormal, FullRankNormal, lambda m, **kw: LowRankNormal(m, ra
 IDS = ["meanfield", "fullrank", "lowrank"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny; a second intra-op thread only spins (measured 4x slower
-    # wall time on a shared 2-core machine), so run this module single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _target(d=5):
-    g = torch.Generator().manual_seed(3)
-    A = torch.randn(d, d, generator=g, dtype=F64)
-    cov = A @ A.T / d + 0.5 * torch.eye(d, dtype=F64)
-    mean = torch.randn(d, generator=g, dtype=F64)
-    return vipkg.models.gaussian(mean, cov, dtype=F64)
+    return random_gaussian_target(d)
 
 
 def _guide(family, model):

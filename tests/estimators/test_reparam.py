@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import vipkg
-from tests.helpers import assert_unbiased, exact_loss_gradient, gaussian_elbo
+from tests.helpers import assert_unbiased, exact_loss_gradient, gaussian_elbo, random_gaussian_target
 from vipkg.diagnostics import gradient_samples, gradient_variance
 from vipkg.guides import FullRankNormal, LowRankNormal, MeanFieldNormal
 
@@ -11,11 +11,7 @@ IDS = ["meanfield", "fullrank", "lowrank"]
 
 
 def _target(d=5):
-    g = torch.Generator().manual_seed(3)
-    A = torch.randn(d, d, generator=g, dtype=torch.float64)
-    cov = A @ A.T / d + 0.5 * torch.eye(d, dtype=torch.float64)
-    mean = torch.randn(d, generator=g, dtype=torch.float64)
-    return vipkg.models.gaussian(mean, cov, dtype=torch.float64)
+    return random_gaussian_target(d)
 
 
 def _guide(family, model):

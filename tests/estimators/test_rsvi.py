@@ -20,16 +20,6 @@ PRIOR = (0.8, 1.5, 1.0, 2.0, 0.7)
 COUNTS = (3, 0, 7, 2, 5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On the shared 2-core CI box, intra-op threads made small elementwise ops ~20x slower
-    (threads waiting on each other under load); these tensors are too small to gain from them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _problem(alpha=ALPHA):
     model = dirichlet_multinomial(5, prior=PRIOR, counts=COUNTS, dtype=torch.float64)
     guide = Dirichlet(model, concentration=torch.tensor(alpha), dtype=torch.float64)

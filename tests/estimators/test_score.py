@@ -14,16 +14,6 @@ from vipkg.models.conjugate import dirichlet_multinomial
 ALPHA = (1.3, 2.0, 0.6, 3.5, 1.1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On the shared 2-core CI box, intra-op threads made small elementwise ops ~20x slower
-    (threads waiting on each other under load); these tensors are too small to gain from them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _problem():
     model = dirichlet_multinomial(
         5, prior=(0.8, 1.5, 1.0, 2.0, 0.7), counts=(3, 0, 7, 2, 5), dtype=torch.float64

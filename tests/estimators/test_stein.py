@@ -23,16 +23,6 @@ from vipkg.models.logistic import load_dataset
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny (n <= 1100 particles, d <= 31): a second intra-op thread only adds
-    # synchronisation, and on a loaded 2-core machine it made these fits ~20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _rmsprop(lr):
     # The reference SVGD code's "AdaGrad with momentum" is RMSprop with decay 0.9.
     return lambda params: torch.optim.RMSprop(params, lr=lr, alpha=0.9)

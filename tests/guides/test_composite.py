@@ -25,14 +25,6 @@ PRIOR = torch.tensor([0.2, -0.3, 0.6], dtype=torch.float64)
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _small_model(with_terms=True):
     """mu ~ N(0, 1), c ~ Categorical(softmax(PRIOR)), x = 1.3 ~ N(mu + SHIFT[c], 1)."""
 

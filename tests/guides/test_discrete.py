@@ -19,14 +19,6 @@ TABLE = torch.tensor(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _table_model(with_terms=True):
     """log p(c) = sum_n TABLE[n, c_n] + 0.3 [c_0 == c_1]: three categorical entries, one coupling."""
 

@@ -8,15 +8,6 @@ from vipkg.guides.flow import Flow, FlowDistribution
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only spins on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomize(guide, scale=0.2, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -17,16 +17,6 @@ from vipkg.guides.particles import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny (n <= 1100 particles, d <= 31): a second intra-op thread only adds
-    # synchronisation, and on a loaded 2-core machine it made these fits ~20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _simplex_model(D=4):
     alpha = torch.arange(1.0, D + 1, dtype=F64)
     return vipkg.Model.from_log_density(

@@ -12,16 +12,6 @@ from vipkg.models.flow_targets import gaussian_mixture, phi4, phi4_action
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny; a second intra-op thread only spins (measured 4x slower
-    # wall time on a shared 2-core machine), so run this module single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 MAKERS = {
     "mixture_corners": lambda **kw: gaussian_mixture(3, **kw),
     "mixture_subset": lambda **kw: gaussian_mixture(5, num_modes=6, seed=2, **kw),

@@ -17,14 +17,6 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _latents(model, S=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = {}
