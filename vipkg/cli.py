@@ -417,9 +417,9 @@ def _fit_main(parser, args) -> int:
         progress=False if args.no_progress else None,
         **kwargs,
     )
-    if args.out is not None and summary.get("posterior") is not None:
-        print(f"wrote {Path(args.out) / 'summary.json'}, {Path(args.out) / 'posterior.nc'}")
-    if "posterior" in summary or not args.distributed:
+    if summary.get("rank", 0) == 0:  # one report under torchrun
+        if args.out is not None:
+            print(f"wrote {Path(args.out) / 'summary.json'}, {Path(args.out) / 'posterior.nc'}")
         print(
             f"{summary['model']}: {summary['estimator']} on {summary['guide']}, {summary['steps']} steps "
             f"on {summary['world_size']} process(es): loss {summary['first_loss']:.4g} -> "
