@@ -156,6 +156,16 @@ class RSVI(Estimator):
         log_pi = log_pi - torch.log(sq)
         return z, log_pi.reshape(*shape, -1).sum(-1)
 
+    def rsample_with_score(self, guide, shape) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draws with a pathwise gradient and the ``log pi(eps)`` whose score corrects them.
+
+        The hook a per-site combiner (:class:`~vipkg.guides.composite.PerSite`) uses:
+        it adds ``bound.detach() * log pi`` to its surrogate, as :meth:`estimate` does.
+        ``log pi`` is ``None`` when ``correction=False``.
+        """
+        z, log_pi = self.rsample(guide, shape)
+        return z, (log_pi if self.correction else None)
+
     def estimate(self, model, guide, objective, num_particles):
         shape = objective.sample_shape(num_particles)
         z, log_pi = self.rsample(guide, shape)

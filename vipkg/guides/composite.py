@@ -80,7 +80,7 @@ class Composite(Guide):
         when given), e.g. ``MeanFieldNormal`` or ``lambda m: Categorical(m, logits=...)``;
         a ready guide must have been built on such a sub-model (see
         :meth:`sub_model`). Every site of the model must be in exactly one part.
-        The estimator is ``Reparam()``, ``ScoreFunction(...)`` or ``GumbelSoftmax(...)``.
+        The estimator is ``Reparam()``, ``RSVI(...)``, ``ScoreFunction(...)`` or ``GumbelSoftmax(...)``.
     dtype : torch.dtype, optional
         Passed to factories.
 
@@ -377,6 +377,8 @@ class PerSite(Estimator):
                     )
             elif callable(getattr(est, "draw_latents", None)):
                 est.check(model, g, objective)
+            elif callable(getattr(est, "rsample_with_score", None)):  # RSVI
+                est.check(Composite.sub_model(model, sites), g, objective)
             elif not g().has_rsample:
                 raise IncompatibleEstimatorError(
                     f"PerSite: the part {sites} uses {est!r}, which needs reparameterized draws, but "
@@ -388,7 +390,7 @@ class PerSite(Estimator):
         self._guide_ref = guide
         shape = torch.Size(objective.sample_shape(num_particles))
         n = math.prod(shape)
-        latents, log_q, scored = {}, 0.0, []
+        latents, log_q, scored, corrections = {}, 0.0, [], []
         for i, (g, est) in enumerate(zip(guide.parts, guide.part_estimators)):
             if callable(getattr(est, "draw_latents", None)):
                 lat, lq = est.draw_latents(g, shape)
@@ -399,6 +401,12 @@ class PerSite(Estimator):
                     est.check_particles(num_particles)
                     z, lq = est.draw(g, shape)
                     scored.append(i)
+                elif callable(getattr(est, "rsample_with_score", None)):
+                    # Pathwise draws whose proposal-noise score corrects the gradient (RSVI).
+                    z, log_pi = est.rsample_with_score(g, shape)
+                    lq = g().log_prob(z)
+                    if log_pi is not None:
+                        corrections.append(log_pi.reshape(shape))
                 else:
                     z, lq = g.rsample_and_log_prob(shape)
                 lat, ladj = guide.part_latents(i, z.reshape(n, *z.shape[len(shape) :]))
@@ -409,6 +417,8 @@ class PerSite(Estimator):
         per_group = objective.per_group(log_w)
         loss = -per_group.mean()
         score, extras = 0.0, {}
+        for log_pi in corrections:
+            score = score + (per_group.detach() * log_pi.sum(-1)).mean()
         if scored:
             rb = getattr(model, "has_terms", False) and type(objective) is ELBO
             detached = {k: v.detach() for k, v in latents.items()}
