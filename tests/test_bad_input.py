@@ -95,6 +95,19 @@ def _nan_mid_fit():
     vipkg.fit(m, MeanFieldNormal(m), vipkg.Reparam(), steps=30, progress=False)
 
 
+def _linalg_failure_mid_fit():
+    calls = {"n": 0}
+
+    def density(x):
+        calls["n"] += 1
+        if calls["n"] == 5:  # e.g. a GP kernel matrix that lost positive definiteness
+            torch.linalg.cholesky(-torch.eye(2))
+        return -0.5 * (x**2).sum(-1)
+
+    m = vipkg.Model.from_log_density(density, 2)
+    vipkg.fit(m, MeanFieldNormal(m), vipkg.Reparam(), steps=30, progress=False)
+
+
 def _bad_checkpoint(tmp_path):
     p = tmp_path / "c.pt"
     p.write_bytes(b"not a checkpoint")
@@ -136,6 +149,16 @@ CASES = [
         vipkg.NonFiniteLossError,
         r"step 12 with estimator Reparam",
     ),
+    (
+        "linalg-failure-mid-fit",
+        lambda tmp: _linalg_failure_mid_fit(),
+        vipkg.NonFiniteLossError,
+        r"linear algebra failed at step 4 with estimator Reparam",
+    ),
+    ("fbgvi-step-size", lambda tmp: vipkg.FBGVI(-0.1), ValueError, "step_size"),
+    ("rsvi-negative-boost", lambda tmp: vipkg.RSVI(boost=-1), ValueError, "boost"),
+    ("gumbel-temperature", lambda tmp: vipkg.GumbelSoftmax(0.0), ValueError, "temperature"),
+    ("svgd-kernel", lambda tmp: vipkg.SVGD(kernel="rbf"), ValueError, "kernel"),
     ("iwae-k-zero", lambda tmp: vipkg.IWAE(0), ValueError, "k >= 1"),
     ("renyi-alpha-one", lambda tmp: vipkg.Renyi(1.0), ValueError, "use ELBO"),
     ("steps-zero", lambda tmp: _fit(steps=0), ValueError, "steps must be a positive int"),
@@ -235,3 +258,28 @@ def test_fuzzed_inputs_raise_documented_errors_or_give_finite_results(
         return
     assert torch.isfinite(r.losses).all()
     assert all(torch.isfinite(p).all() for p in guide.parameters())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    step=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 2)),
+    boost=st.one_of(st.integers(-3, 6), st.floats(-1, 3), st.booleans()),
+    temperature=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-1, 2)),
+    k=st.one_of(st.integers(-2, 6), st.floats(0, 3)),
+)
+def test_fuzzed_estimator_hyperparameters_are_refused_or_valid(step, boost, temperature, k):
+    """Each hyper-parameter is either refused with a ValueError that names it, or valid."""
+    cases = [
+        ("step_size", lambda: vipkg.FBGVI(step), lambda e: 0 < e.step_size < math.inf),
+        ("step_size", lambda: vipkg.BWSGD(step), lambda e: 0 < e.step_size < math.inf),
+        ("boost", lambda: vipkg.RSVI(boost=boost), lambda e: isinstance(e.boost, int) and e.boost >= 0),
+        ("temperature", lambda: vipkg.GumbelSoftmax(temperature), lambda e: 0 < e.temperature < math.inf),
+        ("k", lambda: vipkg.IWAE(k), lambda o: isinstance(o.k, int) and o.k >= 1),
+    ]
+    for name, make, valid in cases:
+        try:
+            obj = make()
+        except ValueError as err:
+            assert name.split("_")[0] in str(err)
+            continue
+        assert valid(obj), f"{name}: {obj!r} was accepted but is not valid"

@@ -347,10 +347,19 @@ def fit(
                     stop = min(stop, (start // checkpoint_every + 1) * checkpoint_every)
                 _sync(device)
                 t0 = time.perf_counter()
-                for i in range(start, stop):
-                    losses[i] = step()
-                    if sched is not None:
-                        sched.step()
+                try:
+                    for i in range(start, stop):
+                        losses[i] = step()
+                        if sched is not None:
+                            sched.step()
+                except torch.linalg.LinAlgError as err:
+                    # A factorisation failed (non-finite or singular input): on the CPU this
+                    # surfaces at once; name the step as the NaN check would.
+                    raise NonFiniteLossError(
+                        f"linear algebra failed at step {i} with estimator {estimator!r}, guide "
+                        f"{type(guide).__name__}, model {model.name!r}: {err} The parameters or the "
+                        "Hessian estimate were no longer finite; lower lr / step_size or use more particles."
+                    ) from err
                 chunk = losses[start:stop]
                 finite = torch.isfinite(chunk)
                 ok = bool(finite.all())  # the one host read per chunk
