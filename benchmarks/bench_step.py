@@ -442,7 +442,7 @@ def main(argv=None) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run with few steps")
-    p.add_argument("--out", default=os.path.join(here, "RESULTS.md"), help="markdown report path")
+    p.add_argument("--out", default=os.path.join(here, "results", "step.md"), help="markdown report path")
     a = p.parse_args(argv)
     s = QUICK if a.quick else FULL
     threads = int(os.environ.get(THREADS_ENV, "2"))
