@@ -35,7 +35,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +44,7 @@ os.environ.setdefault("OMP_PLACES", "cores")
 import torch  # noqa: E402
 
 import vipkg  # noqa: E402
+from vipkg._io import atomic_save, atomic_write_bytes  # noqa: E402
 from vipkg.estimators.bures import BWSGD, FBGVI, smoothness_constant  # noqa: E402
 from vipkg.guides import FullRankNormal  # noqa: E402
 
@@ -294,16 +294,12 @@ def _plot(gauss, logit, path):
         ax.set_title("Logistic regression, breast cancer")
     axes[1, 0].legend(fontsize=7)
     fig.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp.name, dpi=110, format="png")
-    os.replace(tmp.name, path)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
 def _atomic_write(path, text):
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+    atomic_write_bytes(path, text.encode())
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 
 THREADS_ENV = "VIPKG_BENCH_THREADS"
@@ -50,6 +49,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import vipkg  # noqa: E402
+from vipkg._io import atomic_save, atomic_write_bytes  # noqa: E402
 from vipkg.diagnostics import gradient_variance  # noqa: E402
 from vipkg.estimators.reparam import Reparam  # noqa: E402
 from vipkg.estimators.score import ScoreFunction  # noqa: E402
@@ -142,21 +142,12 @@ def _variance(gp, lik, Xtr, ytr, repeats: int) -> dict:
 
 
 def _save(fig, name: str) -> str:
-    path = os.path.join(RESULTS, name)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.chmod(tmp, 0o644)  # mkstemp makes files private
-    os.replace(tmp, path)
+    atomic_save(os.path.join(RESULTS, name), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return name
 
 
 def _write(text: str, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes files private
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def _plots(fits: dict, var: dict, quick: bool) -> None:

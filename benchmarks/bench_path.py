@@ -35,7 +35,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 
@@ -44,6 +43,8 @@ os.environ.setdefault("OMP_PROC_BIND", "close")
 os.environ.setdefault("OMP_PLACES", "cores")
 
 import torch  # noqa: E402
+
+from vipkg._io import atomic_save, atomic_write_bytes  # noqa: E402
 
 PARTICLES = 64
 LR = 1e-3
@@ -88,16 +89,7 @@ QUICK = Settings(
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
 
 
 # ------------------------------------------------------------------------- part 1: timing
@@ -282,8 +274,7 @@ def _plots(timing, variance) -> list[str]:
     names.append("path_step_ratio.png")
     buf = os.path.join(OUT_DIR, names[-1])
     os.makedirs(OUT_DIR, exist_ok=True)
-    fig.savefig(buf + ".tmp.png", dpi=110)
-    os.replace(buf + ".tmp.png", buf)
+    atomic_save(buf, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = range(len(variance))
@@ -297,8 +288,7 @@ def _plots(timing, variance) -> list[str]:
     fig.tight_layout()
     names.append("path_variance.png")
     buf = os.path.join(OUT_DIR, names[-1])
-    fig.savefig(buf + ".tmp.png", dpi=110)
-    os.replace(buf + ".tmp.png", buf)
+    atomic_save(buf, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return names
 

@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 
 THREADS_ENV = "VIPKG_BENCH_THREADS"
@@ -43,6 +42,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import vipkg  # noqa: E402
+from vipkg._io import atomic_save, atomic_write_bytes  # noqa: E402
 from vipkg._rng import seeded  # noqa: E402
 from vipkg.diagnostics import gradient_variance  # noqa: E402
 from vipkg.estimators.rsvi import RSVI  # noqa: E402
@@ -152,21 +152,12 @@ def _plots(table, names, fits, quick: bool) -> list[str]:
 
 
 def _save(fig, name: str) -> str:
-    path = os.path.join(RESULTS, name)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.chmod(tmp, 0o644)  # mkstemp makes files private
-    os.replace(tmp, path)
+    atomic_save(os.path.join(RESULTS, name), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return name
 
 
 def _write(text: str, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes files private
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 
 THREADS_ENV = "VIPKG_BENCH_THREADS"
@@ -50,6 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import vipkg  # noqa: E402
+from vipkg._io import atomic_save, atomic_write_bytes  # noqa: E402
 from vipkg.diagnostics import gradient_variance  # noqa: E402
 from vipkg.estimators.control_variates import (  # noqa: E402
     Learned,
@@ -263,19 +263,14 @@ def _mixture(steps_timed, fit_steps):
 
 # ---------------------------------------------------------------- output
 def _save(fig, name):
-    path = os.path.join(RESULTS, name)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
+    atomic_save(
+        os.path.join(RESULTS, name), lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    )
     return name
 
 
 def _write(text, path):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def _plot(rows):

@@ -34,7 +34,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 
@@ -45,6 +44,8 @@ os.environ.setdefault("OMP_PLACES", "cores")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from vipkg._io import atomic_write_bytes  # noqa: E402
 
 LR = 1e-2
 INIT_SCALE = 0.1
@@ -424,18 +425,7 @@ def render(results, gaps, s: Settings, mode: str, threads: int) -> str:
 
 
 def write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".md")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, text.encode())
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 
@@ -46,6 +45,8 @@ os.environ.setdefault("OMP_PLACES", "cores")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from vipkg._io import atomic_save, atomic_write_bytes  # noqa: E402
 
 LR = 1e-2
 TARGET = 1.10
@@ -260,11 +261,7 @@ def plot_mixture(steps: int, path):
 
 
 def _save(fig, path):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 # ------------------------------------------------------------------------- report
@@ -385,11 +382,7 @@ def main(argv=None) -> int:
     mixture = plot_mixture(100 if args.quick else 1000, os.path.join(OUT, "svgd_mixture.png"))
     text = render(results, acc, n_test, mixture, timing_png, s, "quick" if args.quick else "full", threads)
     path = os.path.join(OUT, "svgd.md")
-    fd, tmp = tempfile.mkstemp(dir=OUT, suffix=".md")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
     print(f"wrote {path}")
     return 0
 
