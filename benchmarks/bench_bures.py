@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 import vipkg  # noqa: E402
 from vipkg._io import atomic_save, atomic_write_bytes  # noqa: E402
+from vipkg.diagnostics import laplace  # noqa: E402
 from vipkg.estimators.bures import BWSGD, FBGVI, smoothness_constant  # noqa: E402
 from vipkg.guides import FullRankNormal  # noqa: E402
 
@@ -70,19 +71,7 @@ def kl(guide, model):
 
 
 def map_point(model):
-    x = torch.zeros(1, model.dim, dtype=F64, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [x], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe"
-    )
-
-    def closure():
-        opt.zero_grad()
-        v = -model.log_joint_unconstrained(x).sum()
-        v.backward()
-        return v
-
-    opt.step(closure)
-    return x.detach()[0]
+    return laplace(model)[0]
 
 
 class ElboEval:

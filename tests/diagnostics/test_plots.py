@@ -53,3 +53,12 @@ def test_reference_draws_exact_and_nuts_agree_with_the_truth():
         reference_draws(model, 10, method="mcmc")
     with pytest.raises(ValueError, match="no closed-form"):
         reference_draws(model, 10, method="exact")
+
+
+def test_laplace_is_exact_for_a_gaussian_posterior():
+    from vipkg.diagnostics import laplace
+
+    model = vipkg.models.linear_regression_conjugate(n=50, d=3, dtype=torch.float64)
+    mean, cov = laplace(model)
+    assert torch.allclose(mean, model.reference["mean"], atol=1e-8)
+    assert torch.allclose(cov, model.reference["cov"], atol=1e-8)

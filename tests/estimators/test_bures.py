@@ -7,7 +7,7 @@ import torch
 
 import vipkg
 from tests.helpers import assert_unbiased, exact_loss_gradient, gaussian_elbo, random_gaussian_target
-from vipkg.diagnostics import gradient_samples, gradient_variance
+from vipkg.diagnostics import gradient_samples, gradient_variance, laplace
 from vipkg.estimators.bures import BWSGD, FBGVI, smoothness_constant, smoothness_step_size
 from vipkg.guides import FullRankNormal, MeanFieldNormal
 
@@ -258,21 +258,8 @@ def test_stochastic_fbgvi_converges(hessian, num_particles, limit):
 
 # --------------------------------------------------------------------- Bayesian logistic regression
 def _map_and_laplace(model):
-    x = torch.zeros(1, model.dim, dtype=F64, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [x], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe"
-    )
-
-    def closure():
-        opt.zero_grad()
-        v = -model.log_joint_unconstrained(x).sum()
-        v.backward()
-        return v
-
-    opt.step(closure)
-    xmap = x.detach()[0]
-    H = torch.autograd.functional.hessian(lambda z: -model.log_joint_unconstrained(z[None])[0], xmap)
-    return xmap, torch.linalg.inv(H).diagonal().sqrt()
+    xmap, cov = laplace(model, max_iter=200)
+    return xmap, cov.diagonal().sqrt()
 
 
 @torch.no_grad()

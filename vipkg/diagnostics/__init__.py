@@ -3,7 +3,7 @@
 from vipkg.diagnostics.arviz_adapter import to_arviz
 from vipkg.diagnostics.plots import plot_gradient_variance, plot_khat, plot_losses, plot_posteriors
 from vipkg.diagnostics.psis import PSISResult, importance_ess, psis_khat
-from vipkg.diagnostics.reference import reference_draws
+from vipkg.diagnostics.reference import laplace, reference_draws
 from vipkg.diagnostics.variance import (
     GradientVariance,
     GradientVarianceResult,
@@ -22,6 +22,7 @@ __all__ = [
     "plot_khat",
     "plot_posteriors",
     "reference_draws",
+    "laplace",
     "psis_khat",
     "PSISResult",
     "importance_ess",

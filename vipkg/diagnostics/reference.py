@@ -6,7 +6,7 @@ import torch
 
 from vipkg._rng import seeded
 
-__all__ = ["reference_draws"]
+__all__ = ["reference_draws", "laplace"]
 
 
 def reference_draws(model, n: int = 1000, *, method: str = "auto", warmup: int = 500, seed: int = 0):
@@ -60,3 +60,43 @@ def reference_draws(model, n: int = 1000, *, method: str = "auto", warmup: int =
         mcmc.run(*args, **kwargs)
     samples = mcmc.get_samples()
     return {k: samples[k].detach() for k in model.sites if k in samples}
+
+
+def laplace(model, *, max_iter: int = 500, dtype=torch.float64):
+    """The MAP point of the unconstrained log joint and the Laplace covariance there.
+
+    L-BFGS (strong Wolfe line search) from the origin, then the inverse Hessian of
+    ``-log p(x, u)`` at the optimum, both in the model's unconstrained space.
+
+    Parameters
+    ----------
+    model : vipkg.Model
+        Continuous (needs the unconstrained view).
+    max_iter : int
+    dtype : torch.dtype
+
+    Returns
+    -------
+    (Tensor [dim], Tensor [dim, dim])
+        The MAP point and the Laplace covariance.
+
+    References
+    ----------
+    .. [1] MacKay, D. J. C. Information Theory, Inference, and Learning Algorithms,
+       chapter 27 (2003).
+    """
+    x = torch.zeros(1, model.dim, dtype=dtype, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [x], max_iter=max_iter, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        opt.zero_grad()
+        v = -model.log_joint_unconstrained(x).sum()
+        v.backward()
+        return v
+
+    opt.step(closure)
+    xmap = x.detach()[0]
+    H = torch.autograd.functional.hessian(lambda z: -model.log_joint_unconstrained(z[None])[0], xmap)
+    return xmap, torch.linalg.inv(H)
