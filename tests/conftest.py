@@ -3,6 +3,13 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests run derandomized by default, so the README's test command gives the same
+# examples on every machine and every run; `HYPOTHESIS_PROFILE=explore` searches afresh.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, max_examples=400)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 warnings.filterwarnings("ignore", message="ArviZ is undergoing a major refactor")

@@ -122,3 +122,91 @@ def test_compile_matches_eager():
         model, MeanFieldNormal(model), vipkg.Reparam(), steps=30, progress=False, compile=True
     )
     assert torch.allclose(eager.losses, compiled.losses, rtol=1e-4, atol=1e-3)
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradient is not finite."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def _nan_gradient_density(bad_calls):
+    calls = {"n": 0}
+
+    def density(x):
+        calls["n"] += 1
+        if calls["n"] in bad_calls:
+            x = _NaNGradient.apply(x)
+        return -0.5 * ((x - 1.0) ** 2).sum(-1)
+
+    return vipkg.Model.from_log_density(density, 2)
+
+
+def test_non_finite_gradient_with_finite_loss_names_step_and_parameters():
+    model = _nan_gradient_density({38})
+    with pytest.raises(
+        vipkg.NonFiniteLossError, match=r"gradient of loc, raw_scale was not finite.* at step 37"
+    ):
+        vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=100, progress=False)
+
+
+def test_skip_counts_steps_undone_for_their_update_alone():
+    """The loss of these steps is finite; only their gradient (so their update) is not."""
+    model = _nan_gradient_density({8, 31})
+    guide = MeanFieldNormal(model)
+    r = vipkg.fit(model, guide, vipkg.Reparam(), steps=200, lr=0.05, progress=False, nan_policy="skip")
+    assert r.skipped_steps == 2
+    assert torch.isnan(r.losses).nonzero().flatten().tolist() == [7, 30]
+    assert all(torch.isfinite(p).all() for p in guide.parameters())
+    assert torch.allclose(guide.loc.detach(), torch.ones(2), atol=0.2)
+
+
+def test_runaway_parameters_caught_by_pyro_validation_are_non_finite_errors():
+    """lr=1e3 sends tau = exp(u) to inf; Pyro's argument check then raises a ValueError, which
+    must come out as NonFiniteLossError naming the step (and, under skip, count the steps)."""
+    model = vipkg.models.eight_schools(centered=True, form="pyro")
+    with pytest.raises(vipkg.NonFiniteLossError, match=r"at step 1 .*refused the guide's draws"):
+        vipkg.fit(model, FullRankNormal(model), vipkg.Reparam(), steps=50, lr=1e3, progress=False)
+    with pytest.raises(vipkg.NonFiniteLossError, match=r"steps were skipped"):
+        vipkg.fit(
+            model, FullRankNormal(model), vipkg.Reparam(), steps=50, lr=1e3, progress=False, nan_policy="skip"
+        )
+
+
+def test_model_errors_are_not_relabelled():
+    def density(x):
+        raise ValueError("my model is broken")
+
+    model = vipkg.Model.from_log_density(density, 2)
+    with pytest.raises(ValueError, match="my model is broken") as info:
+        vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=5, progress=False)
+    assert not isinstance(info.value, vipkg.NonFiniteLossError)
+
+
+def test_impossible_jump_of_the_bound_is_divergence():
+    calls = {"n": 0}
+
+    def density(x):
+        calls["n"] += 1
+        out = -0.5 * (x**2).sum(-1)
+        return out + 1e7 if calls["n"] > 120 else out  # a bound that suddenly means nothing
+
+    model = vipkg.Model.from_log_density(density, 2)
+    with pytest.raises(vipkg.NonFiniteLossError, match=r"diverged at step 120"):
+        vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=300, progress=False)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_early_progress_is_not_divergence(seed):
+    """From far away the loss falls by orders of magnitude in the first steps; that is progress."""
+    model = vipkg.models.gaussian(torch.full((3,), 100.0), dim=3)
+    r = vipkg.fit(
+        model, MeanFieldNormal(model), vipkg.Reparam(), steps=400, lr=0.5, seed=seed, progress=False
+    )
+    assert float(r.losses[0]) > 1e4 and float(r.losses[-20:].mean()) < 100

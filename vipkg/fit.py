@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from vipkg._rng import seeded
+from vipkg.model import ModelError
 from vipkg.objectives import ELBO, Objective
 
 __all__ = ["fit", "FitResult", "NonFiniteLossError"]
@@ -26,7 +27,14 @@ OPTIMIZERS = {
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite during a fit."""
+    """The fit left finite arithmetic: a loss, gradient or parameter became NaN or infinite,
+    the model refused the guide's draws after the parameters ran away, or the bound jumped
+    by an impossible amount in one step (divergence)."""
+
+
+#: A loss this many robust spreads below the recent median (and at least this many nats) in one
+#: step is not optimisation progress: the bound has become numerically meaningless.
+DIVERGENCE_SPREADS = 1e3
 
 
 @dataclasses.dataclass
@@ -46,8 +54,9 @@ class FitResult:
         ``fit(diagnostics=GradientVariance(...))`` was given.
     num_particles : int
     skipped_steps : int
-        Steps whose loss or update was not finite and that ``nan_policy="skip"``
-        undid (their entries in ``losses`` stay NaN/inf, so they are visible).
+        Steps whose loss, gradient or updated parameters were not finite and that
+        ``nan_policy="skip"`` undid; their entries in ``losses`` are NaN, so they are
+        visible (a step undone for its update alone is marked NaN too).
     """
 
     model: Any
@@ -258,11 +267,14 @@ def fit(
     opt = _make_optimizer(optimizer, list(guide.parameters()), lr)
     sched = scheduler(opt) if scheduler is not None else None
 
+    names, params = zip(*guide.named_parameters())
+    # Per step, on device: which of [loss, each gradient, each parameter] stopped being finite.
+    bad = torch.zeros(steps, 1 + 2 * len(params), dtype=torch.bool, device=device)
+
     def step_fn():
         return estimator.step(model, guide, objective, num_particles, opt).loss
 
-    if nan_policy == "skip":
-        step_fn = _undo_if_not_finite(step_fn, list(guide.parameters()), opt)
+    step_fn = (_undo_if_not_finite if nan_policy == "skip" else _flag_not_finite)(step_fn, params, opt)
     step = _compiled(step_fn, device) if compile else step_fn
     losses = torch.empty(steps, device=device, dtype=guide.dtype)
     diag: dict = {}
@@ -331,6 +343,11 @@ def fit(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=start, desc=f"{estimator.name}", leave=False)
+    where = (
+        f"estimator {estimator!r}, guide {type(guide).__name__}, objective {objective!r}, "
+        f"model {model.name!r}"
+    )
+    first_step, history = start, torch.empty(0, dtype=losses.dtype)
     try:
         with seeded(seed, device):
             if rng_state is not None:
@@ -347,35 +364,42 @@ def fit(
                     stop = min(stop, (start // checkpoint_every + 1) * checkpoint_every)
                 _sync(device)
                 t0 = time.perf_counter()
-                try:
-                    for i in range(start, stop):
-                        losses[i] = step()
-                        if sched is not None:
-                            sched.step()
-                except torch.linalg.LinAlgError as err:
-                    # A factorisation failed (non-finite or singular input): on the CPU this
-                    # surfaces at once; name the step as the NaN check would.
-                    raise NonFiniteLossError(
-                        f"linear algebra failed at step {i} with estimator {estimator!r}, guide "
-                        f"{type(guide).__name__}, model {model.name!r}: {err} The parameters or the "
-                        "Hessian estimate were no longer finite; lower lr / step_size or use more particles."
-                    ) from err
-                chunk = losses[start:stop]
-                finite = torch.isfinite(chunk)
-                ok = bool(finite.all())  # the one host read per chunk
+                for i in range(start, stop):
+                    try:
+                        losses[i], bad[i] = step()
+                    except (ValueError, RuntimeError) as err:
+                        # Skipped steps were undone, so only under "raise" can they explain the error.
+                        past = bad[: i + 1] if nan_policy == "raise" else bad[i : i + 1]
+                        exc = _step_error(err, i, first_step, past.cpu(), where, names, params)
+                        if exc is None:
+                            raise
+                        if nan_policy == "skip" and getattr(exc, "skippable", False):
+                            # The model refused this step's draws before any update: nothing
+                            # to undo, so the step counts as skipped and the fit goes on.
+                            losses[i], bad[i, 0] = float("nan"), True
+                            continue
+                        raise exc from err
+                    if sched is not None:
+                        sched.step()
+                # The one host read per chunk: the losses and the flags together.
+                chunk = losses[start:stop].cpu()
+                flags = bad[start:stop].cpu()
                 elapsed += time.perf_counter() - t0
-                if not ok and nan_policy == "skip":
-                    skipped += int((~finite).sum())
-                    ok = skipped <= stop // 2
-                if not ok:
-                    first = start + int((~finite).nonzero()[0, 0])
+                failed = flags.any(1)
+                if nan_policy == "skip" and bool(failed.any()):
+                    skipped += int(failed.sum())
+                    if skipped <= stop // 2:
+                        failed = torch.zeros_like(failed)
+                if bool(failed.any()):
+                    j = int(failed.nonzero()[0, 0])
+                    prefix = "" if nan_policy == "raise" else f"{skipped} of {stop} steps were skipped; "
                     raise NonFiniteLossError(
-                        ("" if nan_policy == "raise" else f"{skipped} of {stop} steps were skipped; ")
-                        + f"the loss became {float(losses[first])} at step {first} with estimator "
-                        f"{estimator!r}, guide {type(guide).__name__}, objective {objective!r}, "
-                        f"model {model.name!r}. Check the log density for NaN/inf over the guide's "
-                        "support, lower lr, or use more particles."
+                        prefix
+                        + _what_went_wrong(flags[j], float(chunk[j]), names)
+                        + f" at step {start + j} with {where}. Check the log density for NaN/inf over "
+                        "the guide's support, lower lr, or use more particles."
                     )
+                history = _check_divergence(history, chunk[~flags.any(1)], start, where)
                 if diagnostics is not None and stop == steps and steps not in diag["steps"]:
                     record(steps)
                 if checkpoint is not None and (stop % checkpoint_every == 0 or stop == steps):
@@ -404,8 +428,30 @@ def fit(
     )
 
 
+def _not_finite(loss, params) -> torch.Tensor:
+    """``[1 + 2P]`` flags on device: loss, each gradient, each parameter not finite.
+
+    One fused infinity-norm per tensor keeps this to a handful of kernels a step; a
+    NaN anywhere propagates into the norm. A parameter without a gradient (update
+    estimators write parameters directly) is checked in the gradient's place.
+    """
+    grads = [p if p.grad is None else p.grad for p in params]
+    norms = torch._foreach_norm([loss.detach().reshape(1), *grads, *params], float("inf"))
+    return ~torch.isfinite(torch.stack(norms))
+
+
+def _flag_not_finite(step_fn, params, opt):
+    def run():
+        loss = step_fn()
+        with torch.no_grad():
+            return loss, _not_finite(loss, params)
+
+    return run
+
+
 def _undo_if_not_finite(step_fn, params, opt):
-    """Wrap a step so that a non-finite loss or update leaves parameters and optimizer state as they were.
+    """Wrap a step so that a non-finite loss, gradient or update leaves parameters and optimizer
+    state as they were, and the step's loss is NaN (so every undone step is counted and visible).
 
     The decision stays on the device (``torch.where``), so the loop keeps its one
     host read per chunk. Optimizer state created by a skipped first step is reset
@@ -420,9 +466,8 @@ def _undo_if_not_finite(step_fn, params, opt):
         saved_state = {(id(st), k): st[k].clone() for st, k in state_tensors()}
         loss = step_fn()
         with torch.no_grad():
-            ok = torch.isfinite(loss)
-            for p in params:
-                ok = ok & torch.isfinite(p).all()
+            flags = _not_finite(loss, params)
+            ok = ~flags.any()
             for p, old in zip(params, saved_params):
                 p.copy_(torch.where(ok, p, old))
             for st, k in state_tensors():
@@ -430,9 +475,86 @@ def _undo_if_not_finite(step_fn, params, opt):
                 old = saved_state.get((id(st), k))
                 old = torch.zeros_like(new) if old is None else old
                 st[k] = torch.where(ok.to(new.device), new, old)
-        return loss
+            loss = torch.where(ok, loss.detach(), torch.full_like(loss.detach(), float("nan")))
+        return loss, flags
 
     return run
+
+
+def _what_went_wrong(flags: torch.Tensor, loss: float, names) -> str:
+    P = len(names)
+    grads = [n for n, f in zip(names, flags[1 : 1 + P].tolist()) if f]
+    params = [n for n, f in zip(names, flags[1 + P :].tolist()) if f]
+    parts = []
+    if bool(flags[0]):
+        parts.append(f"the loss became {loss}")
+    if grads:
+        parts.append(f"the gradient of {', '.join(grads)} was not finite")
+    if params:
+        parts.append(f"the update left parameter(s) {', '.join(params)} not finite")
+    return "; ".join(parts)
+
+
+def _step_error(err, i, first_step, flags, where, names, params) -> NonFiniteLossError | None:
+    """The :class:`NonFiniteLossError` that explains an error raised inside step ``i``, or None
+    when it is the model's own error (which the caller re-raises as it is)."""
+    if isinstance(err, torch.linalg.LinAlgError):
+        # A factorisation failed (non-finite or singular input): on the CPU this surfaces at once.
+        return NonFiniteLossError(
+            f"linear algebra failed at step {i} with {where}: {err} The parameters or the "
+            "Hessian estimate were no longer finite; lower lr / step_size or use more particles."
+        )
+    done = flags[:-1].any(1)
+    if bool(done.any()):
+        # An earlier step left NaN behind and a distribution's argument check caught it later.
+        j = int(done.nonzero()[0, 0])
+        return NonFiniteLossError(
+            f"{_what_went_wrong(flags[j], float('nan'), names)} at step {j} with {where}; at step {i} "
+            f"the model then failed with {type(err).__name__}: {err}"
+        )
+    with torch.no_grad():
+        bad = [n for n, p in zip(names, params) if not bool(torch.isfinite(p).all())]
+        largest = max(float(p.detach().abs().max()) for p in params)
+    if bad:
+        return NonFiniteLossError(
+            f"parameter(s) {', '.join(bad)} became non-finite before step {i} with {where}; the model "
+            f"then failed with {type(err).__name__}: {err}"
+        )
+    if i > first_step and isinstance(err, ValueError) and not isinstance(err, ModelError):
+        # The same model accepted the draws of the steps before: the guide ran away (e.g. a
+        # draw so large that a positive site overflowed) rather than the model being wrong.
+        exc = NonFiniteLossError(
+            f"at step {i} with {where}, the model refused the guide's draws after the parameters "
+            f"grew to |{largest:.3g}|: {type(err).__name__}: {err} Lower lr or start nearer the posterior."
+        )
+        exc.skippable = True
+        return exc
+    return None
+
+
+def _check_divergence(history: torch.Tensor, finite: torch.Tensor, start: int, where: str) -> torch.Tensor:
+    """Raise when a loss falls impossibly far below the recent ones; return the updated history.
+
+    A loss is minus a lower bound on the log evidence, so it cannot fall without
+    limit: a single step that lands ``DIVERGENCE_SPREADS`` robust spreads (and at
+    least as many nats) below the median of the last few hundred steps means the
+    bound has stopped meaning anything (an ill-conditioned factor in float32, say).
+    """
+    window = torch.cat([history, finite])[-500:]
+    if window.numel() >= 5:
+        med = window.median()
+        spread = 1.4826 * (window - med).abs().median()
+        limit = med - DIVERGENCE_SPREADS * max(float(spread), 0.01 * abs(float(med)), 1.0)
+        low = (finite < limit).nonzero()
+        if low.numel():
+            j = int(low[0, 0])
+            raise NonFiniteLossError(
+                f"the fit diverged at step {start + j} with {where}: the loss jumped to "
+                f"{float(finite[j]):.4g}, far below the recent median {float(med):.4g} "
+                f"(spread {float(spread):.3g}): an impossible bound. Lower lr, use float64, or a "
+                "better conditioned parameterization."
+            )
+    return window
 
 
 def _rng_state(device) -> dict:

@@ -18,7 +18,7 @@ def test_gradient_samples_leaves_guide_and_rng_unchanged():
         assert torch.equal(p.detach(), before[n])
         assert out[n].shape == (5, *p.shape)
     assert torch.equal(guide.loc.grad, torch.full_like(guide.loc, 7.0))
-    assert guide.raw_scale_tril.grad is None
+    assert guide.raw_scale.grad is None and guide.raw_unit_lower.grad is None
 
 
 def test_gradient_samples_are_independent_and_seeded():

@@ -53,7 +53,7 @@ def test_initial_values_are_respected(model):
 def test_properties_are_differentiable(model):
     g = FullRankNormal(model)
     g.scale_tril.sum().backward()
-    assert g.raw_scale_tril.grad is not None
+    assert g.raw_scale.grad is not None and g.raw_unit_lower.grad is not None
 
 
 @pytest.mark.parametrize(
@@ -77,3 +77,80 @@ def test_full_rank_rejects_non_triangular(model):
 def test_low_rank_rejects_bad_rank(model):
     with pytest.raises(ValueError, match="rank"):
         LowRankNormal(model, rank=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_stopped_log_prob_matches_generic_value_and_gradient(name, model):
+    """The location-scale form equals re-evaluating the density at z with detached parameters
+    (the generic form), in value and in d/dz, and gives the parameters no score term."""
+    from vipkg.guides.base import stopped_log_prob
+
+    F64 = torch.float64
+    g = torch.Generator().manual_seed(2)
+    d = model.dim
+    L = torch.eye(d, dtype=F64) * 0.7 + 0.2 * torch.randn(d, d, generator=g, dtype=F64).tril(-1)
+    kwargs = {"fullrank": {"scale_tril": L}, "lowrank": {"cov_diag": torch.full((d,), 0.3)}}
+    guide = FAMILIES[name](model, loc=torch.linspace(-1, 1, d), dtype=F64, **kwargs.get(name, {}))
+    torch.manual_seed(5)
+    z, log_q = guide.rsample_and_stopped_log_prob((6, 2))
+    torch.manual_seed(5)
+    z_ref, _ = guide.rsample_and_log_prob((6, 2))
+    assert torch.equal(z, z_ref)  # the same draws as the plain path
+    generic = stopped_log_prob(guide, z)
+    assert torch.allclose(log_q, generic, atol=1e-10)
+    (gz,) = torch.autograd.grad(log_q.sum(), z, retain_graph=True)
+    (gz_ref,) = torch.autograd.grad(generic.sum(), z, retain_graph=True)
+    assert torch.allclose(gz, gz_ref, atol=1e-9)
+    # Through z only: the parameters' gradient is the chain rule through the draw, no score term.
+    params = list(guide.parameters())
+    total = torch.autograd.grad(log_q.sum(), params, allow_unused=True, retain_graph=True)
+    path = torch.autograd.grad((gz.detach() * z).sum(), params, allow_unused=True)
+    for t, p in zip(total, path):
+        assert torch.allclose(t, p, atol=1e-9)
+
+
+def test_full_rank_factor_is_row_scale_times_unit_lower(model):
+    d = model.dim
+    L = torch.eye(d) * torch.linspace(0.1, 3.0, d) + torch.tril(torch.ones(d, d), -1) * 0.4
+    g = FullRankNormal(model, scale_tril=L)
+    assert torch.allclose(g.scale, L.diagonal(), rtol=1e-6)
+    assert torch.equal(g.unit_lower.diagonal(), torch.ones(d))
+    assert torch.allclose(g.scale_tril, L, atol=1e-6)
+    assert torch.allclose(g.covariance_matrix, L @ L.T, atol=1e-5)
+    g.set_scale_tril(2 * L)
+    assert torch.allclose(g.scale_tril, 2 * L, atol=1e-6)
+
+
+def test_state_dicts_of_the_earlier_parameterization_still_load(model):
+    """Guides saved before L = diag(scale) @ U (``raw_scale_tril``) and W = diag(scale) @ V
+    (``cov_factor`` as a parameter) load into the same distribution."""
+    from vipkg.guides.base import inverse_softplus
+
+    d = model.dim
+    L = torch.eye(d) * 0.5 + torch.tril(torch.ones(d, d), -1) * 0.1
+    old = {"loc": torch.ones(d), "raw_scale_tril": L.tril(-1) + torch.diag(inverse_softplus(L.diagonal()))}
+    g = FullRankNormal(model)
+    g.load_state_dict(old)
+    assert torch.allclose(g.scale_tril, L, atol=1e-6) and torch.equal(g.loc.detach(), torch.ones(d))
+    W, D = torch.full((d, 2), 0.3), torch.full((d,), 0.25)
+    old = {"loc": torch.zeros(d), "cov_factor": W, "raw_scale": inverse_softplus(D.sqrt())}
+    g = LowRankNormal(model, rank=2)
+    g.load_state_dict(old)
+    assert torch.allclose(g.covariance_matrix, W @ W.T + torch.diag(D), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: FullRankNormal(m, init_scale=1.88e-237),  # the fuzz-found case: 0 in float32
+        lambda m: FullRankNormal(m, init_scale=1e-40),  # a float32 denormal
+        lambda m: MeanFieldNormal(m, scale=1e-41),
+        lambda m: LowRankNormal(m, cov_diag=torch.full((m.dim,), 1e-42)),
+        lambda m: FullRankNormal(m, scale_tril=torch.eye(m.dim) * 1e-39),
+    ],
+)
+def test_initial_values_that_underflow_are_refused(model, make):
+    with pytest.raises(ValueError, match="underflow|strictly positive"):
+        make(model)
+    # the same values are representable in float64
+    FullRankNormal(model, init_scale=1e-40, dtype=torch.float64)

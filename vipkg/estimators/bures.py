@@ -23,7 +23,6 @@ import math
 import torch
 
 from vipkg.estimators.base import Estimator, IncompatibleEstimatorError, StepInfo, surrogate_backward
-from vipkg.guides.base import inverse_softplus
 from vipkg.guides.gaussian import FullRankNormal
 from vipkg.objectives import ELBO
 
@@ -188,7 +187,7 @@ class _BuresWasserstein(Estimator):
         """Write an unbiased estimate of the gradient of minus the ELBO into the guide's ``.grad``.
 
         ``dLoss/dm = E[grad V]`` (Bonnet) and ``dLoss/dSigma = (E[Hess V] - Sigma^{-1}) / 2``
-        (Price); autograd chains them into ``loc`` and ``raw_scale_tril``. Unbiased for
+        (Price); autograd chains them into ``loc`` and the factor's parameters. Unbiased for
         ``expectation='sample'``; with ``'mean'`` it is exact for quadratic V only.
         """
         mom = self._moments(model, guide, num_particles)
@@ -210,8 +209,7 @@ class _BuresWasserstein(Estimator):
             loc = guide.loc - self.step_size * mom.grad
             L_new = self._covariance_step(L, mom.hess)
             guide.loc.copy_(loc)
-            raw = L_new.tril(-1) + torch.diag_embed(inverse_softplus(L_new.diagonal()))
-            guide.raw_scale_tril.copy_(raw)
+            guide.set_scale_tril(L_new)
         return StepInfo(loss=mom.loss, log_weights=mom.log_weights)
 
     def _covariance_step(self, L: torch.Tensor, hess: torch.Tensor) -> torch.Tensor:  # pragma: no cover

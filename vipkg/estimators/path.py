@@ -14,11 +14,10 @@ import math
 
 import normflows as nf
 import torch
-from torch import nn
-from torch.func import functional_call
 
 from vipkg.diagnostics.psis import importance_ess
 from vipkg.estimators.base import Estimator, IncompatibleEstimatorError, StepInfo, surrogate_backward
+from vipkg.guides.base import stopped_log_prob
 from vipkg.objectives import ELBO, IWAE
 
 __all__ = [
@@ -30,28 +29,6 @@ __all__ = [
     "fast_path_pullback",
     "SUPPORTED_FAST_PATH_LAYERS",
 ]
-
-
-class _GuideLogProb(nn.Module):
-    # functional_call swaps parameters only while the module it is given runs, so
-    # building the distribution *and* evaluating log_prob must happen inside one call.
-    def __init__(self, guide):
-        super().__init__()
-        self.guide = guide
-
-    def forward(self, z):
-        return self.guide().log_prob(z)
-
-
-def stopped_log_prob(guide, z: torch.Tensor) -> torch.Tensor:
-    """``log q(z)`` with the guide's parameters held constant: gradients reach only ``z``.
-
-    Uses :func:`torch.func.functional_call` with detached copies of the
-    parameters, so no ``requires_grad`` flag is toggled (safe under
-    ``torch.compile`` and with other users of the guide).
-    """
-    params = {"guide." + n: p.detach() for n, p in guide.named_parameters()}
-    return functional_call(_GuideLogProb(guide), params, (z,))
 
 
 def _require_rsample(name, guide):
@@ -111,8 +88,8 @@ class STL(Estimator):
 
     def estimate(self, model, guide, objective, num_particles):
         shape = objective.sample_shape(num_particles)
-        z, _ = guide.rsample_and_log_prob(shape)
-        log_w = guide.log_joint(model, z) - stopped_log_prob(guide, z)
+        z, log_q = guide.rsample_and_stopped_log_prob(shape)
+        log_w = guide.log_joint(model, z) - log_q
         loss = -objective(log_w)
         surrogate_backward(guide, loss)
         return StepInfo(loss=loss.detach(), log_weights=log_w.detach())
@@ -149,8 +126,8 @@ class DReG(Estimator):
 
     def estimate(self, model, guide, objective, num_particles):
         shape = objective.sample_shape(num_particles)
-        z, _ = guide.rsample_and_log_prob(shape)
-        log_w = guide.log_joint(model, z) - stopped_log_prob(guide, z)
+        z, log_q = guide.rsample_and_stopped_log_prob(shape)
+        log_w = guide.log_joint(model, z) - log_q
         loss = -objective(log_w.detach())
         w = torch.softmax(log_w.detach(), dim=-1)
         surrogate = -(w.square() * log_w).sum(-1).mean()

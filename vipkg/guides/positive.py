@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributions import Independent, constraints
 from torch.distributions.utils import clamp_probs
 
-from vipkg.guides.base import Guide
+from vipkg.guides.base import Guide, check_positive
 
 __all__ = ["Gamma", "Beta", "Dirichlet"]
 
@@ -130,9 +130,7 @@ def _initial(value, name, default, shape, dtype, sites=None):
             t = t.expand(shape)
     if t.shape != torch.Size(shape):
         raise ValueError(f"{name} must be a scalar or have shape {tuple(shape)}, got {tuple(t.shape)}.")
-    if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
-        raise ValueError(f"{name} must be finite and strictly positive, got min {float(t.min()):.3g}.")
-    return t.clone()
+    return check_positive(t, name).clone()
 
 
 class _NamedSiteGuide(Guide):
