@@ -170,13 +170,22 @@ def test_skip_counts_steps_undone_for_their_update_alone():
 def test_runaway_parameters_caught_by_pyro_validation_are_non_finite_errors():
     """lr=1e3 sends tau = exp(u) to inf; Pyro's argument check then raises a ValueError, which
     must come out as NonFiniteLossError naming the step (and, under skip, count the steps)."""
+    import pyro
+
     model = vipkg.models.eight_schools(centered=True, form="pyro")
-    with pytest.raises(vipkg.NonFiniteLossError, match=r"at step 1 .*refused the guide's draws"):
-        vipkg.fit(model, FullRankNormal(model), vipkg.Reparam(), steps=50, lr=1e3, progress=False)
-    with pytest.raises(vipkg.NonFiniteLossError, match=r"steps were skipped"):
-        vipkg.fit(
-            model, FullRankNormal(model), vipkg.Reparam(), steps=50, lr=1e3, progress=False, nan_policy="skip"
-        )
+    with pyro.validation_enabled(True):
+        with pytest.raises(vipkg.NonFiniteLossError, match=r"at step 1 .*refused the guide's draws"):
+            vipkg.fit(model, FullRankNormal(model), vipkg.Reparam(), steps=50, lr=1e3, progress=False)
+        with pytest.raises(vipkg.NonFiniteLossError, match=r"steps were skipped"):
+            vipkg.fit(
+                model,
+                FullRankNormal(model),
+                vipkg.Reparam(),
+                steps=50,
+                lr=1e3,
+                progress=False,
+                nan_policy="skip",
+            )
 
 
 def test_model_errors_are_not_relabelled():
