@@ -59,6 +59,7 @@ from vipkg.estimators.control_variates import (  # noqa: E402
     Stein,
     chain,
 )
+from vipkg.estimators.per_site import PerSite  # noqa: E402
 from vipkg.estimators.reparam import Reparam  # noqa: E402
 from vipkg.estimators.score import ScoreFunction  # noqa: E402
 from vipkg.guides import MeanFieldNormal  # noqa: E402
@@ -196,25 +197,18 @@ def _mixture(steps_timed, fit_steps):
     init = torch.randn(6, generator=torch.Generator().manual_seed(1))
     out = {}
 
-    guide = Composite(
-        model,
-        {
-            "mu": (lambda m: MeanFieldNormal(m, loc=init, init_scale=0.5), Reparam()),
-            "c": (Categorical, ScoreFunction(LeaveOneOut())),
-        },
-    )
-    est = guide.estimator()
+    def make():
+        guide = Composite(
+            model, {"mu": lambda m: MeanFieldNormal(m, loc=init, init_scale=0.5), "c": Categorical}
+        )
+        return guide, PerSite({"mu": Reparam(), "c": ScoreFunction(LeaveOneOut())})
+
+    guide, est = make()
     opt = torch.optim.Adam(guide.parameters(), lr=0.1)
     ms = _time_steps(lambda: est.step(model, guide, vipkg.ELBO(), 8, opt), steps_timed)
-    guide = Composite(
-        model,
-        {
-            "mu": (lambda m: MeanFieldNormal(m, loc=init, init_scale=0.5), Reparam()),
-            "c": (Categorical, ScoreFunction(LeaveOneOut())),
-        },
-    )
+    guide, est = make()
     t0 = time.perf_counter()
-    vipkg.fit(model, guide, guide.estimator(), steps=fit_steps, num_particles=8, lr=0.1, progress=False)
+    vipkg.fit(model, guide, est, steps=fit_steps, num_particles=8, lr=0.1, progress=False)
     out["vipkg Composite (Reparam + SF LOO)"] = {
         "ms": ms,
         "fit_s": time.perf_counter() - t0,

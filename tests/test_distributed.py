@@ -336,7 +336,7 @@ def test_torchrun_launches_the_fit_command(tmp_path):
 def test_fit_command_finds_models_guides_and_estimators_by_name(tmp_path, capsys):
     import vipkg.estimators as est
     from vipkg.cli import main
-    from vipkg.distributed import estimator_classes, guide_classes
+    from vipkg.cli.fit import estimator_classes, guide_classes
 
     # Every concrete estimator exported by vipkg.estimators is a choice, new ones included.
     for name in est.__all__:

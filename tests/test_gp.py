@@ -140,7 +140,7 @@ def test_minibatched_gradients_unbiased_and_check_has_power(monkeypatch):
     with pytest.raises(AssertionError, match="standard errors"):
         assert_unbiased(iwae, exact)
 
-    import vipkg.gp as gp_module
+    import vipkg.frontends.gpytorch as gp_module  # the module that holds the code
 
     def unscaled_minibatch(n, b, device):
         return torch.randperm(n, device=device)[:b], 1.0
@@ -267,7 +267,7 @@ def test_bad_input_is_explained():
 def test_log_links_are_stable_and_exact():
     """vipkg's probit log CDF matches torch.special.log_ndtr to 1e-7 (float64) from -60 to 12 with
     finite gradients, and the Poisson log likelihood stays finite where softplus(f) underflows."""
-    from vipkg.gp import _log_lik, log_ndtr
+    from vipkg.frontends.gpytorch import _log_lik, log_ndtr
 
     x = torch.linspace(-60, 12, 20001, dtype=F64, requires_grad=True)
     value = log_ndtr(x)

@@ -4,8 +4,9 @@ Host-sync guard: Python-level reads of a tensor's value (``.item()``, ``bool()``
 ``float()``, ``int()``, ``.tolist()``, ``.numpy()``, ``.cpu()``) are what make a GPU loop
 wait for the device. On CPU nothing waits, so the guard replaces those methods with
 ones that record the call (and where it came from) while ``estimator.step`` runs, for
-every estimator in ``vipkg.estimators.__all__``. It does not see reads done inside C++
-kernels; ``torch.cuda.set_sync_debug_mode("error")`` does, and runs when CUDA is there.
+every estimator of the catalogue (:mod:`vipkg.estimators.catalog`). It does not see reads
+done inside C++ kernels; ``torch.cuda.set_sync_debug_mode("error")`` does, and runs when
+CUDA is there.
 The optimizer's own bookkeeping (Adam reads its CPU step counter) is outside the guard:
 it is not a device sync.
 """
@@ -22,15 +23,12 @@ import torch
 
 import vipkg
 import vipkg.estimators as estimators
-from vipkg.estimators import Estimator, IncompatibleEstimatorError
+from vipkg.estimators import IncompatibleEstimatorError, catalog
 from vipkg.fit import fit
 from vipkg.model import Model
 from vipkg.models import ZOO
 
 READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__array__")
-
-#: Constructor arguments for estimators that have required ones.
-ESTIMATOR_KWARGS = {"FBGVI": {"step_size": 0.01}, "BWSGD": {"step_size": 0.01}}
 
 
 class HostReads:
@@ -134,27 +132,16 @@ def _candidates():
     if hasattr(guides, "Flow"):
         out.append((gaussian, lambda m: guides.Flow.real_nvp(m, layers=2).to(torch.float64)))
     if hasattr(guides, "Composite"):
-        parts = {
-            "mu": (guides.MeanFieldNormal, vipkg.Reparam()),
-            "c": (guides.Categorical, estimators.ScoreFunction()),
-        }
+        parts = {"mu": guides.MeanFieldNormal, "c": guides.Categorical}
         mixture = ZOO["discrete_mixture"](n=6, **f64)
         out.append((mixture, lambda m: guides.Composite(m, parts, **f64)))
     return out
 
 
 def _estimator_classes():
-    """Every estimator class in ``vipkg.estimators.__all__``, and the Composite guide's PerSite."""
-    import vipkg.guides as guides
-
-    found = [
-        obj
-        for name in estimators.__all__
-        if inspect.isclass(obj := getattr(estimators, name))
-        and issubclass(obj, Estimator)
-        and not inspect.isabstract(obj)
-    ]
-    return found + ([guides.PerSite] if hasattr(guides, "PerSite") else [])
+    """Every estimator class of the catalogue: every class ``vipkg.estimators`` exports,
+    PerSite included (tests/estimators/test_catalog.py checks that)."""
+    return catalog.estimator_classes()
 
 
 def _setup(cls):
@@ -164,7 +151,7 @@ def _setup(cls):
         for model, make_guide in _candidates():
             try:
                 guide = make_guide(model)
-                est = cls(**ESTIMATOR_KWARGS.get(cls.__name__, {}))
+                est = catalog.for_estimator(cls).make_estimator(model)  # the catalogue's settings
                 est.check(model, guide, objective)
             except (IncompatibleEstimatorError, ValueError, TypeError) as err:
                 reasons.append(f"{model.name}, {objective!r}: {err}")

@@ -1,6 +1,6 @@
 """vipkg: variational inference in PyTorch with pluggable gradient estimators."""
 
-from vipkg import diagnostics, estimators, gp, guides, models, objectives
+from vipkg import diagnostics, estimators, frontends, gp, guides, models, objectives
 from vipkg.diagnostics import GradientVariance, to_arviz
 from vipkg.estimators import (
     BWSGD,
@@ -55,5 +55,6 @@ __all__ = [
     "objectives",
     "diagnostics",
     "models",
+    "frontends",
     "gp",
 ]

@@ -330,14 +330,9 @@ class Model:
         site : str
             Name of the single latent site.
         """
-        if not isinstance(dim, int) or dim < 1:
-            raise ModelError(f"from_log_density: dim must be a positive int, got {dim!r}.")
-        shape = torch.Size([dim])
+        from vipkg.frontends.log_density import log_density_model  # frontends -> model: import here
 
-        def log_joint(latents, data):
-            return fn(latents[site])
-
-        return cls({site: Site(shape, support)}, log_joint, name=name)
+        return log_density_model(cls, fn, dim, support, name=name, site=site)
 
     @classmethod
     def from_pyro(cls, fn: Callable, *args, name: str | None = None, **kwargs) -> Model:
@@ -365,6 +360,6 @@ class Model:
         .. [1] Bingham, E. et al. "Pyro: Deep Universal Probabilistic Programming".
            JMLR 20 (2019).
         """
-        from vipkg._pyro import pyro_model
+        from vipkg.frontends.pyro import pyro_model  # frontends -> model: import here
 
         return pyro_model(cls, fn, args, kwargs, name=name or getattr(fn, "__name__", "pyro_model"))

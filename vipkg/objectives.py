@@ -3,7 +3,8 @@
 ``S`` independent groups of ``K`` importance samples each; every objective maps
 the log-weights ``log p(x, z) - log q(z)`` to an estimate of its bound on
 ``log p(x)``. The loss handed to optimizers is always minus that bound, in nats,
-for the full data set.
+for the full data set. :func:`importance_ess` is the effective sample size of the
+same log-weights (one number per group of draws).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 
 import torch
 
-__all__ = ["Objective", "ELBO", "IWAE", "Renyi"]
+__all__ = ["Objective", "ELBO", "IWAE", "Renyi", "importance_ess"]
 
 
 class Objective:
@@ -114,3 +115,29 @@ class Renyi(Objective):
 
     def __repr__(self):
         return f"Renyi(alpha={self.alpha}, k={self.k})"
+
+
+def importance_ess(log_weights: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+    """Effective sample size of self-normalized importance weights, ``(sum w)^2 / sum w^2``.
+
+    Parameters
+    ----------
+    log_weights : Tensor ``[..., n]``
+        ``log p(x, z) - log q(z)`` of ``n`` draws from q (the normalizer of p does not matter).
+    normalized : bool
+        Divide by ``n``: the efficiency in ``(0, 1]``, 1 when q is proportional to p
+        (the form the normalizing-flow literature reports).
+
+    Returns
+    -------
+    Tensor ``[...]``: between 1 and ``n`` (or ``1/n`` and 1 when normalized).
+
+    References
+    ----------
+    .. [1] Kish, L. Survey Sampling. Wiley (1965).
+    .. [2] Kong, A. "A Note on Importance Sampling Using Standardized Weights".
+       Technical report 348, University of Chicago (1992).
+    """
+    lw = log_weights - torch.logsumexp(log_weights, dim=-1, keepdim=True)
+    ess = torch.exp(-torch.logsumexp(2 * lw, dim=-1))
+    return ess / log_weights.shape[-1] if normalized else ess

@@ -3,6 +3,7 @@ import torch
 
 import vipkg
 from vipkg.estimators.control_variates import LeaveOneOut
+from vipkg.estimators.per_site import PerSite
 from vipkg.estimators.reparam import Reparam
 from vipkg.estimators.score import ScoreFunction
 from vipkg.guides import MeanFieldNormal
@@ -73,11 +74,8 @@ def test_mixture_reference_and_errors():
 
 def test_sigmoid_belief_net_fits_with_a_composite_guide():
     model = sigmoid_belief_net(n=40, hidden=4, dtype=torch.float64)
-    guide = Composite(
-        model,
-        {("W", "b"): (MeanFieldNormal, Reparam()), "h": (Bernoulli, ScoreFunction(LeaveOneOut()))},
-        dtype=torch.float64,
-    )
-    r = vipkg.fit(model, guide, guide.estimator(), steps=150, num_particles=8, lr=0.05, progress=False)
+    guide = Composite(model, {("W", "b"): MeanFieldNormal, "h": Bernoulli}, dtype=torch.float64)
+    est = PerSite({("W", "b"): Reparam(), "h": ScoreFunction(LeaveOneOut())})
+    r = vipkg.fit(model, guide, est, steps=150, num_particles=8, lr=0.05, progress=False)
     assert torch.isfinite(r.losses).all()
     assert r.losses[-20:].mean() < r.losses[:20].mean() - 100

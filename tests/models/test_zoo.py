@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import vipkg
-from vipkg.guides import Composite, MeanFieldNormal
+from vipkg.estimators import per_site
+from vipkg.guides import MeanFieldNormal
 from vipkg.models import ZOO
 
 #: zoo models whose log joint is not the density of a Pyro program (documented in
@@ -47,8 +48,7 @@ def test_every_model_fits_ten_steps(name, form):
     if model.is_continuous:
         guide, estimator = MeanFieldNormal(model), vipkg.Reparam()
     else:
-        guide = Composite.auto(model)
-        estimator = guide.estimator()
+        guide, estimator = per_site.auto(model)
     r = vipkg.fit(model, guide, estimator, steps=10, progress=False)
     assert torch.isfinite(r.losses).all()
 
@@ -147,15 +147,17 @@ def test_bad_arguments(make, match):
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_every_model_runs_ten_steps_with_every_compatible_estimator(name):
-    """Every line of ``vipkg compare`` that fits a zoo model runs 10 finite steps on it; the
-    lines that do not fit are refused up front with a reason (never a crash mid-fit)."""
-    from vipkg.cli import _build, _configs
+    """Every configuration of the estimator catalogue (the lines of ``vipkg compare``) that fits a
+    zoo model runs 10 finite steps on it; the lines that do not fit are refused up front with a
+    reason (never a crash mid-fit)."""
+    from vipkg.cli.compare import _build
+    from vipkg.estimators import catalog
 
     # The DEF's default 100 images give 1135 latents: dense full-rank families and autograd
     # Hessians at that size take minutes; 10 images keep the same structure.
     model = ZOO[name](**({"n": 10} if name == "sparse_gamma_def" else {}))
     ran, refused, diverged = [], [], []
-    for cfg in _configs():
+    for cfg in catalog.configs():
         built, reason = _build(cfg, model, 4)
         if built is None:
             assert reason, cfg.label

@@ -10,34 +10,9 @@ import torch
 
 from vipkg._rng import seeded
 from vipkg.diagnostics.arviz_adapter import psislw
+from vipkg.objectives import importance_ess  # re-exported: the log-weight maths lives in objectives
 
 __all__ = ["PSISResult", "psis_khat", "importance_ess"]
-
-
-def importance_ess(log_weights: torch.Tensor, normalized: bool = False) -> torch.Tensor:
-    """Effective sample size of self-normalized importance weights, ``(sum w)^2 / sum w^2``.
-
-    Parameters
-    ----------
-    log_weights : Tensor ``[..., n]``
-        ``log p(x, z) - log q(z)`` of ``n`` draws from q (the normalizer of p does not matter).
-    normalized : bool
-        Divide by ``n``: the efficiency in ``(0, 1]``, 1 when q is proportional to p
-        (the form the normalizing-flow literature reports).
-
-    Returns
-    -------
-    Tensor ``[...]``: between 1 and ``n`` (or ``1/n`` and 1 when normalized).
-
-    References
-    ----------
-    .. [1] Kish, L. Survey Sampling. Wiley (1965).
-    .. [2] Kong, A. "A Note on Importance Sampling Using Standardized Weights".
-       Technical report 348, University of Chicago (1992).
-    """
-    lw = log_weights - torch.logsumexp(log_weights, dim=-1, keepdim=True)
-    ess = torch.exp(-torch.logsumexp(2 * lw, dim=-1))
-    return ess / log_weights.shape[-1] if normalized else ess
 
 
 @dataclasses.dataclass

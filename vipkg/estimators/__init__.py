@@ -12,6 +12,7 @@ from vipkg.estimators.control_variates import (
     chain,
 )
 from vipkg.estimators.path import STL, DReG, FastPath
+from vipkg.estimators.per_site import PerSite
 from vipkg.estimators.relaxed import Anneal, GumbelSoftmax
 from vipkg.estimators.reparam import Reparam
 from vipkg.estimators.rsvi import RSVI
@@ -26,6 +27,7 @@ __all__ = [
     "STL",
     "DReG",
     "FastPath",
+    "PerSite",
     "RSVI",
     "ScoreFunction",
     "ControlVariate",

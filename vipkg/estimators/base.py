@@ -1,13 +1,46 @@
-"""The estimator protocol shared by every gradient estimator."""
+"""The estimator protocol shared by every gradient estimator, and the one surrogate builder over parts.
+
+There are two kinds of estimator (``Estimator.composable`` says which):
+
+* a **part estimator** (``composable = True``: :class:`~vipkg.estimators.reparam.Reparam`,
+  :class:`~vipkg.estimators.path.STL`, :class:`~vipkg.estimators.rsvi.RSVI`,
+  :class:`~vipkg.estimators.score.ScoreFunction`, :class:`~vipkg.estimators.relaxed.GumbelSoftmax`)
+  turns one family into a :class:`Draw` (:meth:`Estimator.draw`). :func:`estimate_parts` takes the
+  Draws of one or several families, evaluates the model once, forms the costs of their score terms
+  (Rao-Blackwellized where it can), centres them with each part's control variate
+  (:meth:`Estimator.center`) and backpropagates one surrogate whose value is the loss. A single
+  family is the one-part case; :class:`~vipkg.estimators.per_site.PerSite` is the many-part case;
+* an **update estimator** (``composable = False``: SVGD, FB-GVI, DReG, FastPath, ...) owns its whole
+  step and cannot serve one site of a :class:`~vipkg.guides.composite.Composite` guide.
+
+Writing a new part estimator is one class with ``composable = True`` and a :meth:`Estimator.draw`
+(plus :meth:`~Estimator.center` if it has a control variate); it then works on a single family and
+per site with no further code.
+"""
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import math
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["Estimator", "StepInfo", "IncompatibleEstimatorError"]
+from vipkg.objectives import ELBO
+
+__all__ = [
+    "Estimator",
+    "StepInfo",
+    "IncompatibleEstimatorError",
+    "Draw",
+    "ScoreTerm",
+    "Part",
+    "estimate_parts",
+    "named_latents",
+    "align_term",
+    "surrogate_backward",
+]
 
 
 class IncompatibleEstimatorError(TypeError):
@@ -33,16 +66,117 @@ class StepInfo:
     extras: dict = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass
+class ScoreTerm:
+    """A log density whose gradient multiplies a cost in the surrogate.
+
+    Attributes
+    ----------
+    log_prob : Tensor ``[N, *local]``
+        Differentiable in the family's parameters, at draws that carry no gradient path:
+        REINFORCE's ``log q(z)`` of one independent factor, RSVI's ``log pi(eps)``.
+    log_q : Tensor ``[N, *local]``
+        The log density (in the sites' constrained space, Jacobian included) of the draws
+        this factor covers, which its Rao-Blackwellized cost subtracts. For REINFORCE it is
+        ``log_prob`` (up to a Jacobian that does not depend on the parameters); for RSVI
+        it is the part's ``log q(z)``.
+    sites : frozenset of str
+        The sites whose draws the factor moves: its Rao-Blackwellized cost is the
+        log-joint terms that involve them, minus ``log_q``.
+    rao_blackwellize : bool
+        Whether the cost may be Rao-Blackwellized (when the model exposes its terms and
+        the objective is the ELBO); otherwise it is the per-group bound.
+    """
+
+    log_prob: torch.Tensor
+    log_q: torch.Tensor
+    sites: frozenset
+    rao_blackwellize: bool = True
+
+
+@dataclasses.dataclass
+class Draw:
+    """What a part estimator makes of one family for one step.
+
+    Attributes
+    ----------
+    latents : dict of str to Tensor
+        Named constrained sites ``[N, *site_shape]``, ``N`` the flattened sample shape
+        ``(S, K)``; they carry whatever gradient path the estimator wants (pathwise,
+        relaxed, none).
+    log_q : Tensor ``[N]``
+        Their log density under the family in the sites' constrained space (the Jacobian of
+        the family's map included), differentiable as the estimator wants (live, stopped).
+    score_terms : tuple of ScoreTerm
+        Score-function terms the surrogate adds, each multiplied by its cost.
+    """
+
+    latents: dict
+    log_q: torch.Tensor
+    score_terms: tuple = ()
+
+
+class Part(NamedTuple):
+    """One family in :func:`estimate_parts`: its part estimator, the family, the (sub-)model
+    over its sites, and the name under which its control variate keeps a whole-bound cost."""
+
+    estimator: Estimator
+    family: object
+    model: object
+    key: str = "_all"
+
+
 class Estimator(abc.ABC):
     """A gradient estimator: fills ``.grad`` of a guide's parameters.
 
     Subclasses implement :meth:`estimate`; :meth:`check` raises
     :class:`IncompatibleEstimatorError` saying what would fit. Nothing in a
     step reads a tensor's value on the host.
+
+    Part estimators set ``composable = True`` and implement :meth:`draw`; their
+    :meth:`estimate` is the one-part call of :func:`estimate_parts`, and
+    :class:`~vipkg.estimators.per_site.PerSite` can use them on any part of a
+    :class:`~vipkg.guides.composite.Composite` guide. Update estimators, which own
+    their whole step, leave ``composable = False``.
+
+    References
+    ----------
+    .. [1] Schulman, J., Heess, N., Weber, T., Abbeel, P. "Gradient Estimation
+       Using Stochastic Computation Graphs". NeurIPS (2015).
     """
+
+    #: ``True`` for part estimators (they implement :meth:`draw` and compose per site);
+    #: ``False`` for update estimators, which own their step.
+    composable: bool = False
 
     def check(self, model, guide, objective) -> None:
         """Raise :class:`IncompatibleEstimatorError` when this estimator cannot serve the triple."""
+
+    def check_part(self, model, guide, objective) -> None:
+        """Like :meth:`check`, for one part of a Composite guide (``model`` is the part's
+        sub-model); by default the same checks."""
+        self.check(model, guide, objective)
+
+    def draw(self, guide, model, shape) -> Draw:
+        """A part estimator's :class:`Draw` of ``guide`` (over ``model``'s sites) for sample ``shape``.
+
+        Called once per estimate. Update estimators have none.
+        """
+        raise IncompatibleEstimatorError(
+            f"{self!r} is an update estimator (it owns its whole step) and makes no per-part draws; "
+            "per site use a part estimator: Reparam, STL, RSVI, ScoreFunction or GumbelSoftmax."
+        )
+
+    def center(self, cost: torch.Tensor, key: str) -> tuple[torch.Tensor, dict]:
+        """The control variate of this part's score terms: ``cost - baseline`` and detached extras.
+
+        ``cost [N, *local]`` (Rao-Blackwellized) or ``[S]`` (per-group bound) is detached;
+        ``key`` names it so stateful baselines keep one state per cost. No baseline by default.
+        """
+        return cost, {}
+
+    def after_step(self) -> None:
+        """Called once at the end of every estimate that used :meth:`draw` (schedules, clocks)."""
 
     def check_particles(self, num_particles: int) -> None:
         """Raise ``ValueError`` when ``num_particles`` is too few for this estimator (e.g. a
@@ -82,3 +216,165 @@ def surrogate_backward(guide, loss: torch.Tensor, surrogate: torch.Tensor | None
     for p in guide.parameters():
         p.grad = None
     (loss if surrogate is None else surrogate).backward()
+
+
+def named_latents(guide, model, z, shape) -> tuple[dict, torch.Tensor]:
+    """A family's draws ``z`` of batch ``shape`` as named constrained sites ``[N, *site_shape]``.
+
+    Returns the sites and ``log |det J|`` of the family's map to them (``[N]``, or a scalar
+    zero for families that already live in the sites' space), to subtract from the family's
+    ``log q``. ``z`` is a flat unconstrained vector for ``guide.unconstrained`` families,
+    the family's own layout otherwise, or already a dict of sites.
+    """
+    shape = torch.Size(shape)
+    n = math.prod(shape)
+    if isinstance(z, dict):
+        first = next(iter(z.values()))
+        zero = torch.zeros((), dtype=log_dtype(first), device=first.device)
+        return {k: v.reshape(n, *v.shape[len(shape) :]) for k, v in z.items()}, zero
+    flat = z.reshape(n, *z.shape[len(shape) :])
+    if guide.unconstrained:
+        return model._constrain_with_ladj(flat)
+    return guide.constrain(model, flat), torch.zeros((), dtype=log_dtype(z), device=z.device)
+
+
+def log_dtype(t: torch.Tensor) -> torch.dtype:
+    """The floating dtype for log densities of draws ``t`` (integer draws: the default dtype)."""
+    return t.dtype if t.is_floating_point() else torch.get_default_dtype()
+
+
+def align_term(term: torch.Tensor, target_shape: torch.Size) -> torch.Tensor:
+    """A log-joint term ``[N, *a]`` brought to a site's local shape ``[N, *b]``.
+
+    A term whose local shape is a leading part of the site's (``x [N, n]`` for a
+    site ``h [N, n, hidden]``) is taken element by element along those leading
+    dimensions and broadcast over the rest: the term and the site share their
+    plates, so entry ``n`` of the term depends only on entry ``n`` of the site.
+    Otherwise the term is summed to ``[N]`` and broadcast, which is always
+    correct, only less Rao-Blackwellized.
+    """
+    if term.shape == target_shape:
+        return term
+    if term.dim() > 1 and term.shape == target_shape[: term.dim()]:
+        return term.reshape(*term.shape, *([1] * (len(target_shape) - term.dim()))).expand(target_shape)
+    total = term.reshape(term.shape[0], -1).sum(-1)
+    return total.reshape(total.shape[0], *([1] * (len(target_shape) - 1))).expand(target_shape)
+
+
+def terms_by_site(model) -> dict[str, list[str]]:
+    """For each latent site, the names of the log-joint terms that depend on it (model order)."""
+    out: dict[str, list[str]] = {}
+    for name, sites in model.term_sites.items():
+        for s in sites:
+            out.setdefault(s, []).append(name)
+    return out
+
+
+def rao_blackwell_cost(model, terms, sites, log_q, by_site=None) -> torch.Tensor:
+    """Detached cost ``[N, *local]`` of one guide factor: the log-joint ``terms`` that depend on
+    ``sites``, minus the factor's ``log_q`` (Ranganath et al. 2014, section 3.1)."""
+    by_site = terms_by_site(model) if by_site is None else by_site
+    names = dict.fromkeys(n for s in sorted(sites) for n in by_site.get(s, ()))
+    cost = -log_q.detach()
+    for name in (n for n in terms if n in names):
+        cost = cost + align_term(terms[name].detach(), log_q.shape)
+    return cost
+
+
+def _named_extras(key: str, extras: dict) -> dict:
+    if key == "_all":
+        return {k: v.detach() for k, v in extras.items()}
+    return {f"{key}.{k}": v.detach() for k, v in extras.items()}
+
+
+def estimate_parts(model, guide, objective, num_particles: int, parts) -> StepInfo:
+    """The one surrogate builder: the gradient of the loss from the Draws of one or more families.
+
+    Each part's estimator draws its family (:meth:`Estimator.draw`); the model's log joint
+    is evaluated once on all sites together and ``log q`` is the sum of the parts'. The
+    surrogate is minus the bound (pathwise gradients of reparameterized and relaxed parts
+    flow through it) plus, for every score term, ``mean(centre(cost) * log_prob)`` with
+    the part's control variate (:meth:`Estimator.center`). Costs are Rao-Blackwellized,
+    per site and per datum, when the model exposes its terms (``model.has_terms``), the
+    objective is the ELBO and the term allows it: then ``model.log_joint_terms`` is
+    evaluated once per step and their sum is the log joint. Otherwise every score term of
+    a part is summed over its group of ``K`` draws and weighted by the per-group bound.
+    The surrogate's value is the loss.
+
+    Parameters
+    ----------
+    model : vipkg.Model
+        The full model.
+    guide : torch.nn.Module
+        The module whose parameters receive ``.grad`` (replaced).
+    objective : vipkg.objectives.Objective
+    num_particles : int
+    parts : sequence of Part
+
+    Returns
+    -------
+    StepInfo
+        ``extras["control_variate"]`` holds the control variates' extras when any part has
+        score terms.
+
+    References
+    ----------
+    .. [1] Schulman, J., Heess, N., Weber, T., Abbeel, P. "Gradient Estimation
+       Using Stochastic Computation Graphs". NeurIPS (2015).
+    .. [2] Ranganath, R., Gerrish, S., Blei, D. M. "Black Box Variational
+       Inference". AISTATS (2014).
+    """
+    shape = torch.Size(objective.sample_shape(num_particles))
+    n = math.prod(shape)
+    for p in parts:
+        p.estimator.check_particles(num_particles)
+    draws = [p.estimator.draw(p.family, p.model, shape) for p in parts]
+    latents, log_q = {}, 0.0
+    for d in draws:
+        latents.update(d.latents)
+        log_q = log_q + d.log_q
+    scored = any(d.score_terms for d in draws)
+    rb = (
+        type(objective) is ELBO
+        and model.has_terms
+        and any(t.rao_blackwellize for d in draws for t in d.score_terms)
+    )
+    if rb:
+        # One evaluation serves both the bound and every cost: the terms sum to the log joint.
+        terms = model.log_joint_terms(latents)
+        log_p = sum(v.reshape(v.shape[0], -1).sum(-1) for v in terms.values())
+        by_site = terms_by_site(model)
+    else:
+        log_p = model.log_joint(latents)
+    log_w = (log_p - log_q).reshape(shape)
+    per_group = objective.per_group(log_w)
+    loss = -per_group.mean()
+    score, extras = None, {}
+    for p, d in zip(parts, draws):
+        whole = None
+        for t in d.score_terms:
+            if rb and t.rao_blackwellize:
+                key = ",".join(sorted(t.sites))
+                cost = rao_blackwell_cost(model, terms, t.sites, t.log_q, by_site)
+                w, e = p.estimator.center(cost, key)
+                term = (w * t.log_prob).reshape(n, -1).sum(-1).mean()
+                score = term if score is None else score + term
+                extras.update(_named_extras(key, e))
+            else:
+                # No draw of a group is independent of its bound: one cost per group and part.
+                lp = t.log_prob.reshape(n, -1).sum(-1).reshape(shape).sum(-1)
+                whole = lp if whole is None else whole + lp
+        if whole is not None:
+            w, e = p.estimator.center(per_group.detach(), p.key)
+            term = (w * whole).mean()
+            score = term if score is None else score + term
+            extras.update(_named_extras(p.key, e))
+    surrogate = loss if score is None else loss - (score - score.detach())
+    surrogate_backward(guide, loss, surrogate)
+    for p in parts:
+        p.estimator.after_step()
+    return StepInfo(
+        loss=loss.detach(),
+        log_weights=log_w.detach(),
+        extras={"control_variate": extras} if scored else {},
+    )

@@ -92,6 +92,9 @@ def _gaussian_entropy(L: torch.Tensor) -> torch.Tensor:
 class _BuresWasserstein(Estimator):
     """Shared machinery: moments of V's derivatives under q, the gradient surrogate, the in-place write."""
 
+    #: owns its step (moves the Gaussian in the Bures-Wasserstein space): not composable per site
+    composable = False
+
     def __init__(
         self,
         step_size: float,

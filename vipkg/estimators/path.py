@@ -15,10 +15,18 @@ import math
 import normflows as nf
 import torch
 
-from vipkg.diagnostics.psis import importance_ess
-from vipkg.estimators.base import Estimator, IncompatibleEstimatorError, StepInfo, surrogate_backward
+from vipkg.estimators.base import (
+    Draw,
+    Estimator,
+    IncompatibleEstimatorError,
+    Part,
+    StepInfo,
+    estimate_parts,
+    named_latents,
+    surrogate_backward,
+)
 from vipkg.guides.base import stopped_log_prob
-from vipkg.objectives import ELBO, IWAE
+from vipkg.objectives import ELBO, IWAE, importance_ess
 
 __all__ = [
     "STL",
@@ -69,6 +77,9 @@ class STL(Estimator):
        Gradient Estimators for Monte Carlo Objectives". ICLR (2019).
     """
 
+    #: A part estimator: it serves one part of a Composite guide as well as a whole guide.
+    composable = True
+
     def __init__(self, allow_biased: bool = False):
         if not isinstance(allow_biased, bool):
             raise ValueError(f"allow_biased must be a bool, got {allow_biased!r}.")
@@ -86,13 +97,15 @@ class STL(Estimator):
                 "for Roeder et al.'s importance-weighted variant."
             )
 
-    def estimate(self, model, guide, objective, num_particles):
-        shape = objective.sample_shape(num_particles)
+    def draw(self, guide, model, shape) -> Draw:
+        """Reparameterized draws with ``log q`` at stopped parameters; the Jacobian of the map to
+        the sites depends only on the draw, so its path gradient stays."""
         z, log_q = guide.rsample_and_stopped_log_prob(shape)
-        log_w = guide.log_joint(model, z) - log_q
-        loss = -objective(log_w)
-        surrogate_backward(guide, loss)
-        return StepInfo(loss=loss.detach(), log_weights=log_w.detach())
+        latents, ladj = named_latents(guide, model, z, shape)
+        return Draw(latents, log_q.reshape(-1) - ladj)
+
+    def estimate(self, model, guide, objective, num_particles):
+        return estimate_parts(model, guide, objective, num_particles, [Part(self, guide, model)])
 
 
 class DReG(Estimator):
@@ -115,6 +128,9 @@ class DReG(Estimator):
     .. [2] Rainforth, T. et al. "Tighter Variational Bounds are Not Necessarily
        Better". ICML (2018).
     """
+
+    #: An update estimator: its weights ``w~_i^2`` need every site of a draw at once.
+    composable = False
 
     def check(self, model, guide, objective) -> None:
         if not isinstance(objective, IWAE):
@@ -417,6 +433,9 @@ class FastPath(Estimator):
        Gradient Estimators for Normalizing Flows". ICLR (2024), sections 3-4.
     .. [2] Roeder, G., Wu, Y., Duvenaud, D. "Sticking the Landing". NeurIPS (2017).
     """
+
+    #: An update estimator: the score is carried through the whole flow, not one part.
+    composable = False
 
     def __init__(self, kl: str = "reverse"):
         if kl not in ("reverse", "forward"):

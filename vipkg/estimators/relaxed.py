@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from vipkg.estimators.base import Estimator, IncompatibleEstimatorError, StepInfo, surrogate_backward
+from vipkg.estimators.base import Draw, Estimator, IncompatibleEstimatorError, Part, estimate_parts
 from vipkg.objectives import ELBO
 
 __all__ = ["GumbelSoftmax", "Anneal", "straight_through"]
@@ -117,6 +117,9 @@ class GumbelSoftmax(Estimator):
        Continuous Relaxation of Discrete Random Variables". ICLR (2017).
     """
 
+    #: A part estimator: it serves one categorical part of a Composite guide as well as a whole guide.
+    composable = True
+
     def __init__(
         self, temperature: float = 1.0, hard: bool = False, anneal: Anneal | None = None, kl="analytic"
     ):
@@ -159,7 +162,7 @@ class GumbelSoftmax(Estimator):
                 "use kl='relaxed' for IWAE / Renyi."
             )
 
-    # ------------------------------------------------------ hooks for PerSite
+    # ------------------------------------------------------------ part protocol
     def draw_latents(self, guide, shape):
         """Relaxed one-hot latents ``{site: Tensor[*shape, *site_shape, K]}`` and ``log q [*shape]``.
 
@@ -180,26 +183,23 @@ class GumbelSoftmax(Estimator):
             log_q = (-ent).expand(shape)
         return latents, log_q
 
+    def draw(self, guide, model, shape) -> Draw:
+        """Relaxed (or straight-through) one-hot sites ``[N, *site_shape, K]`` and their ``log q``."""
+        shape = torch.Size(shape)
+        n = math.prod(shape)
+        latents, log_q = self.draw_latents(guide, shape)
+        flat = {k: v.reshape(n, *v.shape[len(shape) :]) for k, v in latents.items()}
+        return Draw(flat, log_q.reshape(n))
+
     def after_step(self) -> None:
         """Advance the annealing clock (called once per estimate)."""
         self._t += 1
 
     def estimate(self, model, guide, objective, num_particles):
-        shape = objective.sample_shape(num_particles)
         tau = self.temperature
-        latents, log_q = self.draw_latents(guide, shape)
-        n = math.prod(shape)
-        flat = {k: v.reshape(n, *v.shape[len(shape) :]) for k, v in latents.items()}
-        log_p = model.log_joint(flat).reshape(shape)
-        log_w = log_p - log_q
-        loss = -objective(log_w)
-        surrogate_backward(guide, loss)
-        self.after_step()
-        return StepInfo(
-            loss=loss.detach(),
-            log_weights=log_w.detach(),
-            extras={"temperature": torch.tensor(tau)},
-        )
+        info = estimate_parts(model, guide, objective, num_particles, [Part(self, guide, model)])
+        info.extras["temperature"] = torch.tensor(tau)
+        return info
 
     def state_dict(self) -> dict:
         return {"t": self._t}

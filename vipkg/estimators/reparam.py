@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from vipkg.estimators.base import Estimator, IncompatibleEstimatorError, StepInfo, surrogate_backward
+from vipkg.estimators.base import (
+    Draw,
+    Estimator,
+    IncompatibleEstimatorError,
+    Part,
+    estimate_parts,
+    named_latents,
+)
 
 __all__ = ["Reparam"]
 
@@ -11,7 +18,9 @@ class Reparam(Estimator):
     """Pathwise gradient: differentiate the bound through ``z = T(eps; params)``.
 
     Works with any guide that has reparameterized draws
-    (``guide().has_rsample``) and any objective over log-weights.
+    (``guide().has_rsample``) and any objective over log-weights. A part
+    estimator: it serves one part of a Composite guide through
+    :class:`~vipkg.estimators.per_site.PerSite` as well as a whole guide.
 
     References
     ----------
@@ -20,17 +29,21 @@ class Reparam(Estimator):
        Approximate Inference in Deep Generative Models". ICML (2014).
     """
 
+    composable = True
+
     def check(self, model, guide, objective) -> None:
         if not guide().has_rsample:
             raise IncompatibleEstimatorError(
                 f"Reparam needs reparameterized draws, but {type(guide).__name__} has none. "
-                "Use ScoreFunction (any guide) or, for Gamma/Beta/Dirichlet, RSVI."
+                "Use ScoreFunction (any guide), RSVI for Gamma/Beta/Dirichlet, or GumbelSoftmax "
+                "for Categorical."
             )
 
-    def estimate(self, model, guide, objective, num_particles):
-        shape = objective.sample_shape(num_particles)
+    def draw(self, guide, model, shape) -> Draw:
+        """Reparameterized draws and their live ``log q`` (Jacobian of the map to the sites included)."""
         z, log_q = guide.rsample_and_log_prob(shape)
-        log_w = guide.log_joint(model, z) - log_q
-        loss = -objective(log_w)
-        surrogate_backward(guide, loss)
-        return StepInfo(loss=loss.detach(), log_weights=log_w.detach())
+        latents, ladj = named_latents(guide, model, z, shape)
+        return Draw(latents, log_q.reshape(-1) - ladj)
+
+    def estimate(self, model, guide, objective, num_particles):
+        return estimate_parts(model, guide, objective, num_particles, [Part(self, guide, model)])

@@ -6,7 +6,15 @@ import math
 
 import torch
 
-from vipkg.estimators.base import Estimator, IncompatibleEstimatorError, StepInfo, surrogate_backward
+from vipkg.estimators.base import (
+    Draw,
+    Estimator,
+    IncompatibleEstimatorError,
+    Part,
+    ScoreTerm,
+    estimate_parts,
+    named_latents,
+)
 
 __all__ = ["RSVI", "marsaglia_tsang_h", "marsaglia_tsang_h_inverse"]
 
@@ -76,7 +84,10 @@ class RSVI(Estimator):
 
     The surrogate is ``-bound(log_w) - mean_s(bound_s.detach() * sum_k log pi_sk)``
     where ``bound_s`` is the objective's value on group ``s``; it works for the
-    ELBO and for ``IWAE(k)``. Its value is the loss.
+    ELBO and for ``IWAE(k)``. Its value is the loss. As one part of a Composite guide
+    under the ELBO, on a model that exposes its terms, ``bound_s`` is replaced by the
+    terms that involve the part's sites minus the part's ``log q`` (the other terms'
+    product with the correction has mean zero).
 
     ``a >= 1`` with ``boost=0`` is checked in :meth:`check` (which :func:`vipkg.fit`
     calls once), not inside the step, so that the step never reads tensors on the
@@ -92,6 +103,9 @@ class RSVI(Estimator):
     .. [2] Marsaglia, G., Tsang, W. W. "A Simple Method for Generating Gamma
        Variables". ACM TOMS 26 (2000).
     """
+
+    #: A part estimator: it serves one part of a Composite guide as well as a whole guide.
+    composable = True
 
     def __init__(self, boost: int = 1, correction: bool = True):
         if isinstance(boost, bool) or not isinstance(boost, int) or boost < 0:
@@ -156,26 +170,16 @@ class RSVI(Estimator):
         log_pi = log_pi - torch.log(sq)
         return z, log_pi.reshape(*shape, -1).sum(-1)
 
-    def rsample_with_score(self, guide, shape) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Draws with a pathwise gradient and the ``log pi(eps)`` whose score corrects them.
-
-        The hook a per-site combiner (:class:`~vipkg.guides.composite.PerSite`) uses:
-        it adds ``bound.detach() * log pi`` to its surrogate, as :meth:`estimate` does.
-        ``log pi`` is ``None`` when ``correction=False``.
-        """
+    def draw(self, guide, model, shape) -> Draw:
+        """Draws with a pathwise gradient, and ``log pi(eps)`` as a score term whose cost is the
+        bound (or, Rao-Blackwellized, the log-joint terms of the part's sites minus its ``log q``)."""
         z, log_pi = self.rsample(guide, shape)
-        return z, (log_pi if self.correction else None)
+        latents, ladj = named_latents(guide, model, z, shape)
+        log_q = guide().log_prob(z).reshape(-1) - ladj
+        terms = ()
+        if self.correction:
+            terms = (ScoreTerm(log_pi.reshape(-1), log_q, frozenset(latents)),)
+        return Draw(latents, log_q, terms)
 
     def estimate(self, model, guide, objective, num_particles):
-        shape = objective.sample_shape(num_particles)
-        z, log_pi = self.rsample(guide, shape)
-        log_q = guide().log_prob(z)
-        log_w = guide.log_joint(model, z) - log_q
-        per_group = objective.per_group(log_w)
-        loss = -per_group.mean()
-        surrogate = loss
-        if self.correction:
-            score = (per_group.detach() * log_pi.sum(-1)).mean()
-            surrogate = loss - (score - score.detach())
-        surrogate_backward(guide, loss, surrogate)
-        return StepInfo(loss=loss.detach(), log_weights=log_w.detach())
+        return estimate_parts(model, guide, objective, num_particles, [Part(self, guide, model)])

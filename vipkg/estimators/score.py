@@ -4,35 +4,24 @@ from __future__ import annotations
 
 import torch
 
-from vipkg.estimators.base import Estimator, IncompatibleEstimatorError, StepInfo, surrogate_backward
+from vipkg.estimators.base import (
+    Draw,
+    Estimator,
+    IncompatibleEstimatorError,
+    Part,
+    ScoreTerm,
+    StepInfo,
+    align_term,
+    estimate_parts,
+    named_latents,
+    rao_blackwell_cost,
+    surrogate_backward,
+    terms_by_site,
+)
 from vipkg.estimators.control_variates import ControlVariate
 from vipkg.objectives import ELBO
 
 __all__ = ["ScoreFunction", "align_term", "rao_blackwell_costs"]
-
-
-def _detach(z):
-    if isinstance(z, dict):
-        return {k: v.detach() for k, v in z.items()}
-    return z.detach()
-
-
-def align_term(term: torch.Tensor, target_shape: torch.Size) -> torch.Tensor:
-    """A log-joint term ``[N, *a]`` brought to a site's local shape ``[N, *b]``.
-
-    A term whose local shape is a leading part of the site's (``x [N, n]`` for a
-    site ``h [N, n, hidden]``) is taken element by element along those leading
-    dimensions and broadcast over the rest: the term and the site share their
-    plates, so entry ``n`` of the term depends only on entry ``n`` of the site.
-    Otherwise the term is summed to ``[N]`` and broadcast, which is always
-    correct, only less Rao-Blackwellized.
-    """
-    if term.shape == target_shape:
-        return term
-    if term.dim() > 1 and term.shape == target_shape[: term.dim()]:
-        return term.reshape(*term.shape, *([1] * (len(target_shape) - term.dim()))).expand(target_shape)
-    total = term.reshape(term.shape[0], -1).sum(-1)
-    return total.reshape(total.shape[0], *([1] * (len(target_shape) - 1))).expand(target_shape)
 
 
 def rao_blackwell_costs(model, latents, parts) -> list[torch.Tensor]:
@@ -50,17 +39,16 @@ def rao_blackwell_costs(model, latents, parts) -> list[torch.Tensor]:
     Returns
     -------
     list of Tensor
-        Detached costs ``[N, *local]``, one per part.
+        Detached costs ``[N, *local]``, one per part, from one evaluation of the terms.
+
+    References
+    ----------
+    .. [1] Ranganath, R., Gerrish, S., Blei, D. M. "Black Box Variational
+       Inference". AISTATS (2014), section 3.1.
     """
     terms = model.log_joint_terms(latents)
-    costs = []
-    for sites, log_q in parts:
-        cost = -log_q.detach()
-        for name, term in terms.items():
-            if model.term_sites.get(name, frozenset()) & sites:
-                cost = cost + align_term(term.detach(), log_q.shape)
-        costs.append(cost)
-    return costs
+    by_site = terms_by_site(model)
+    return [rao_blackwell_cost(model, terms, sites, log_q, by_site) for sites, log_q in parts]
 
 
 def _per_draw_scores(log_q: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
@@ -108,9 +96,10 @@ class ScoreFunction(Estimator):
         Multiply each guide factor's score only by the log-joint terms that
         depend on its sites (see Notes). Applies when the model exposes its terms
         (``model.has_terms``: Pyro programs with discrete sites, zoo models with
-        discrete sites), the guide factorizes over named sites
-        (``guide.log_prob_parts``: ``Categorical``, ``Bernoulli``, ``Composite``)
-        and the objective is the ELBO; otherwise the whole per-draw objective is used.
+        discrete sites) and the objective is the ELBO; otherwise the whole per-draw
+        objective is used. Guides that factorize over named sites
+        (``guide.log_prob_parts``: ``Categorical``, ``Bernoulli``, ``Composite``) get
+        one cost per site and entry, others one cost over their sites.
 
     Notes
     -----
@@ -121,9 +110,16 @@ class ScoreFunction(Estimator):
     expected product with that score. Terms with the same local shape as the
     factor (a per-datum likelihood and a per-datum assignment in one plate) are
     matched element by element, so each assignment's score sees only its own
-    datum, as in Pyro's ``TraceGraph_ELBO``. Gradient-level control variates
+    datum, as in Pyro's ``TraceGraph_ELBO``.
+
+    ScoreFunction is a part estimator: with a baseline (or none) its estimate is
+    the one-part call of :func:`~vipkg.estimators.base.estimate_parts`, and it
+    serves any part of a Composite guide through
+    :class:`~vipkg.estimators.per_site.PerSite`. Gradient-level control variates
     (``OptimalScaling``, ``Stein``) act on the per-draw gradient of the whole
-    objective and need ``rao_blackwellize=False``.
+    objective: they keep their own path on a single guide, need
+    ``rao_blackwellize=False`` where the guide would be Rao-Blackwellized, and are
+    refused per site.
 
     References
     ----------
@@ -149,16 +145,21 @@ class ScoreFunction(Estimator):
         self._plain = control_variate is None
         self.rao_blackwellize = bool(rao_blackwellize)
 
+    #: A part estimator (with a baseline control variate it serves one part of a Composite guide);
+    #: gradient-level control variates need the whole gradient and keep their own single-guide path.
+    composable = True
+
     def __repr__(self) -> str:
+        rb = "" if self.rao_blackwellize else "rao_blackwellize=False"
         if self._plain:
-            return "ScoreFunction()"
-        return f"ScoreFunction({self.control_variate!r})"
+            return f"ScoreFunction({rb})"
+        return f"ScoreFunction({self.control_variate!r}{', ' + rb if rb else ''})"
 
     # ------------------------------------------------------------------ checks
     def _uses_rb(self, model, guide, objective) -> bool:
         return (
             self.rao_blackwellize
-            and getattr(model, "has_terms", False)
+            and model.has_terms
             and callable(getattr(guide, "log_prob_parts", None))
             and type(objective) is ELBO
         )
@@ -176,11 +177,20 @@ class ScoreFunction(Estimator):
                 f"guide would be Rao-Blackwellized per site; pass rao_blackwellize=False, or use a "
                 "baseline (LeaveOneOut, MovingAverage, Learned)."
             )
-        if cv.needs_draws and not (getattr(guide, "unconstrained", False) and guide().has_rsample):
+        if cv.needs_draws and not (guide.unconstrained and guide().has_rsample):
             raise IncompatibleEstimatorError(
                 f"ScoreFunction: {cv!r} needs continuous draws over the unconstrained vector (Gaussian "
                 f"or flow guides) for grad_z log q, but {type(guide).__name__} is not one; use "
                 "LeaveOneOut or OptimalScaling."
+            )
+
+    def check_part(self, model, guide, objective) -> None:
+        """:meth:`check`, and refuse gradient-level control variates, which need the whole gradient."""
+        self.check(model, guide, objective)
+        if self.control_variate.needs_scores:
+            raise IncompatibleEstimatorError(
+                f"ScoreFunction: {self.control_variate!r} acts on the whole gradient of a single guide; "
+                "within a Composite use a baseline (LeaveOneOut, MovingAverage, Learned)."
             )
 
     def check_particles(self, num_particles: int) -> None:
@@ -191,57 +201,47 @@ class ScoreFunction(Estimator):
                 f"ScoreFunction: {self.control_variate!r} needs num_particles >= {need}, got {num_particles}."
             )
 
-    # ------------------------------------------------------ hooks for PerSite
-    def draw(self, guide, shape):
-        """Draws of ``shape`` without a gradient path, and their differentiable log density."""
+    # ------------------------------------------------------------ part protocol
+    def draw(self, guide, model, shape) -> Draw:
+        """Draws without a gradient path, their differentiable ``log q``, and one score term per
+        independent factor of the guide (per site and entry where it exposes ``log_prob_parts``)."""
         z, log_q = guide.sample_and_log_prob(shape)
-        return _detach(z), log_q
+        z = {k: v.detach() for k, v in z.items()} if isinstance(z, dict) else z.detach()
+        latents, ladj = named_latents(guide, model, z, shape)
+        log_q = log_q.reshape(-1) - ladj
+        rb = self.rao_blackwellize
+        if callable(getattr(guide, "log_prob_parts", None)):
+            factors = guide.log_prob_parts(model, z)[1]
+            terms = tuple(ScoreTerm(lq, lq, frozenset(sites), rb) for sites, lq in factors)
+        else:
+            terms = (ScoreTerm(log_q, log_q, frozenset(latents), rb),)
+        return Draw(latents, log_q, terms)
 
-    def score_term(self, cost: torch.Tensor, log_q: torch.Tensor, key: str = "_all"):
-        """The score part of a surrogate for one guide factor: ``mean_s sum (cv(cost) * log_q)``.
-
-        ``cost`` and ``log_q`` are ``[S, *local]``; the returned scalar's
-        gradient is the score-function estimate of the gradient of the bound.
-        """
-        w, extras = self.control_variate.center(cost.detach(), key)
-        return (w * log_q).reshape(log_q.shape[0], -1).sum(-1).mean(), extras
+    def center(self, cost, key):
+        """The control variate's baseline: ``cost - b`` and its extras."""
+        return self.control_variate.center(cost.detach(), key)
 
     # --------------------------------------------------------------- estimate
     def estimate(self, model, guide, objective, num_particles):
+        if not self.control_variate.needs_scores:
+            return estimate_parts(model, guide, objective, num_particles, [Part(self, guide, model)])
+        # Gradient-level control variates act on the per-draw gradients of the whole objective.
         self.check_particles(num_particles)
         shape = objective.sample_shape(num_particles)
-        z, log_q = self.draw(guide, shape)
+        z, log_q = guide.sample_and_log_prob(shape)
+        z = {k: v.detach() for k, v in z.items()} if isinstance(z, dict) else z.detach()
         log_w = guide.log_joint(model, z) - log_q
         per_group = objective.per_group(log_w)
         loss = -per_group.mean()
-        extras = {}
-        if self._uses_rb(model, guide, objective):
-            latents, parts = guide.log_prob_parts(model, z)
-            costs = rao_blackwell_costs(model, latents, parts)
-            score = 0.0
-            for i, ((sites, lq), cost) in enumerate(zip(parts, costs)):
-                term, e = self.score_term(cost, lq, key=",".join(sorted(sites)))
-                score = score + term
-                extras.update({f"{i}.{k}": v for k, v in e.items()})
-            surrogate = loss - (score - score.detach())
-        else:
-            f = per_group.detach()
-            w, extras = self.control_variate.center(f, "_all")
-            group_log_q = log_q.sum(-1)
-            if not self.control_variate.needs_scores:
-                score = (w * group_log_q).mean()
-                surrogate = loss - (score - score.detach())
-            else:
-                params = [p for p in guide.parameters() if p.requires_grad]
-                H = _per_draw_scores(group_log_q, params)
-                draws = None
-                if self.control_variate.needs_draws:
-                    draws = self._stein_draws(guide, z)
-                G, e = self.control_variate.correct(w[:, None] * H, H, _blocks(params), draws)
-                extras.update(e)
-                est = G.mean(0).detach()
-                flat = torch.cat([p.reshape(-1) for p in params])
-                surrogate = loss - (est * (flat - flat.detach())).sum()
+        w, extras = self.control_variate.center(per_group.detach(), "_all")
+        params = [p for p in guide.parameters() if p.requires_grad]
+        H = _per_draw_scores(log_q.sum(-1), params)
+        draws = self._stein_draws(guide, z) if self.control_variate.needs_draws else None
+        G, e = self.control_variate.correct(w[:, None] * H, H, _blocks(params), draws)
+        extras.update(e)
+        est = G.mean(0).detach()
+        flat = torch.cat([p.reshape(-1) for p in params])
+        surrogate = loss - (est * (flat - flat.detach())).sum()
         surrogate_backward(guide, loss, surrogate)
         return StepInfo(
             loss=loss.detach(),

@@ -308,6 +308,9 @@ class SVGD(Estimator):
        Bayesian Inference Algorithm". NeurIPS (2016).
     """
 
+    #: owns its step (moves the particles): not a part of a PerSite estimator
+    composable = False
+
     def __init__(self, kernel: Kernel | None = None, *, chunk_size: int | None = None):
         kernel = RBF() if kernel is None else kernel
         if not isinstance(kernel, Kernel):
@@ -373,6 +376,9 @@ class MirroredSVGD(Estimator):
     .. [1] Shi, J., Liu, C., Mackey, L. "Sampling with Mirrored Stein Operators". ICLR (2022).
     .. [2] Liu, Q., Wang, D. "Stein Variational Gradient Descent". NeurIPS (2016).
     """
+
+    #: owns its step (moves the particles): not a part of a PerSite estimator
+    composable = False
 
     def __init__(
         self, mirror: MirrorMap | str | None = None, kernel: Kernel | None = None, *, chunk_size=None

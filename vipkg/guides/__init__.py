@@ -1,7 +1,7 @@
 """Variational families: ``torch.nn.Module`` subclasses whose call returns a Distribution."""
 
 from vipkg.guides.base import Guide
-from vipkg.guides.composite import Composite, PerSite
+from vipkg.guides.composite import Composite
 from vipkg.guides.discrete import Bernoulli, Categorical
 from vipkg.guides.flow import Flow
 from vipkg.guides.gaussian import FullRankNormal, LowRankNormal, MeanFieldNormal
@@ -27,7 +27,6 @@ __all__ = [
     "Categorical",
     "Bernoulli",
     "Composite",
-    "PerSite",
     "Particles",
     "Empirical",
     "MirrorMap",
@@ -35,3 +34,12 @@ __all__ = [
     "EntropicBox",
     "EntropicOrthant",
 ]
+
+
+def __getattr__(name):
+    # Deprecated shim: PerSite is an estimator (vipkg.estimators.per_site); guides may not import it.
+    if name == "PerSite":
+        from vipkg.guides import composite
+
+        return composite.__getattr__(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Pyro front-end for :class:`vipkg.Model`.
+"""Pyro front-end: any Pyro program as a :class:`vipkg.Model` (:meth:`vipkg.Model.from_pyro`).
 
 A Pyro program is traced once to learn its sites. Every later call runs it
 conditioned on the latent values under one extra ``pyro.plate`` placed left of
@@ -8,6 +8,8 @@ all the program's own plates, so ``S`` particles cost one vectorized pass.
 from __future__ import annotations
 
 import torch
+
+from vipkg.model import ModelError, Site, _check_data
 
 __all__ = ["pyro_model"]
 
@@ -54,10 +56,9 @@ def _dependencies(fn, args, kwargs, latent_names):
 
 
 def pyro_model(cls, fn, args, kwargs, *, name):
+    """What :meth:`vipkg.Model.from_pyro` returns: ``cls`` (``Model`` or a subclass) built from ``fn``."""
     import pyro
     import pyro.poutine as poutine
-
-    from vipkg.model import ModelError, Site, _check_data
 
     data, arg_spec, kw_spec = _split_tensor_args(args, kwargs)
     data = _check_data(data)

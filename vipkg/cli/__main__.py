@@ -1,0 +1,3 @@
+from vipkg.cli import main
+
+raise SystemExit(main())
