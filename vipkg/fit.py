@@ -1,4 +1,11 @@
-"""The fitting loop: estimator steps on device, host reads only every few steps."""
+"""The fitting loop: estimator steps on device, host reads only every few steps.
+
+:func:`fit` builds a :class:`FitState` and a list of :class:`Hook` objects (the
+finiteness and divergence check, gradient-variance recording, checkpoints, the
+progress bar, the callback). Each hook names the next step at which it wants
+control; the loop runs the steps up to the nearest one on the device without a
+host read, then gives every hook its turn, in that order.
+"""
 
 from __future__ import annotations
 
@@ -245,6 +252,69 @@ def fit(
        AISTATS (2014).
     """
     objective = objective or ELBO()
+    _check_arguments(steps, num_particles, objective, lr, check_every, checkpoint_every, resume, checkpoint)
+    if nan_policy not in ("raise", "skip"):
+        raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}.")
+    if device is not None:
+        guide.to(device)
+    device = guide.device
+    model = model.to(device=device, dtype=guide.dtype)
+    estimator.check(model, guide, objective)
+    estimator.check_particles(num_particles)
+    opt = _make_optimizer(optimizer, list(guide.parameters()), lr)
+    state = FitState(
+        model=model,
+        guide=guide,
+        estimator=estimator,
+        objective=objective,
+        optimizer=opt,
+        scheduler=scheduler(opt) if scheduler is not None else None,
+        num_particles=num_particles,
+        seed=seed,
+        steps=steps,
+        losses=torch.empty(steps, device=device, dtype=guide.dtype),
+    )
+    # The order matters at a shared stop: the finiteness check runs first, so that no
+    # measurement, checkpoint or callback ever sees a step that is about to be refused.
+    hooks: list[Hook] = [FiniteCheck(check_every, nan_policy)]
+    if diagnostics is not None:
+        hooks.append(RecordGradientVariance(diagnostics))
+    saver = None if checkpoint is None else Checkpoint(checkpoint, checkpoint_every)
+    if saver is not None:
+        hooks.append(saver)
+    if _progress_enabled(progress):
+        hooks.append(ProgressBar(check_every))
+    if callback is not None:
+        hooks.append(Callback(callback, check_every))
+    step = _make_step(state, nan_policy, compile)
+    try:
+        with seeded(seed, device):
+            if saver is not None and resume:
+                saver.restore(state)
+            for h in hooks:
+                h.start(state)
+            while state.step < steps:
+                stop = min([steps] + [h.next_stop(state) for h in hooks])
+                _run(state, step, stop, nan_policy)
+                for h in hooks:
+                    h.at_stop(state)
+    finally:
+        for h in hooks:
+            h.close(state)
+    return FitResult(
+        model=model,
+        guide=guide,
+        estimator=estimator,
+        objective=objective,
+        losses=state.losses.detach().cpu(),
+        elapsed=state.elapsed,
+        diagnostics=state.diagnostics,
+        num_particles=num_particles,
+        skipped_steps=state.skipped,
+    )
+
+
+def _check_arguments(steps, num_particles, objective, lr, check_every, checkpoint_every, resume, checkpoint):
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}.")
     objective.sample_shape(num_particles)  # validates num_particles
@@ -256,176 +326,325 @@ def fit(
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}.")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=<path> to resume from.")
-    if nan_policy not in ("raise", "skip"):
-        raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}.")
-    if device is not None:
-        guide.to(device)
-    device = guide.device
-    model = model.to(device=device, dtype=guide.dtype)
-    estimator.check(model, guide, objective)
-    estimator.check_particles(num_particles)
-    opt = _make_optimizer(optimizer, list(guide.parameters()), lr)
-    sched = scheduler(opt) if scheduler is not None else None
 
-    names, params = zip(*guide.named_parameters())
-    # Per step, on device: which of [loss, each gradient, each parameter] stopped being finite.
-    bad = torch.zeros(steps, 1 + 2 * len(params), dtype=torch.bool, device=device)
 
-    def step_fn():
-        return estimator.step(model, guide, objective, num_particles, opt).loss
+# --------------------------------------------------------------------------- the loop
 
-    step_fn = (_undo_if_not_finite if nan_policy == "skip" else _flag_not_finite)(step_fn, params, opt)
-    step = _compiled(step_fn, device) if compile else step_fn
-    losses = torch.empty(steps, device=device, dtype=guide.dtype)
-    diag: dict = {}
-    if diagnostics is not None:
-        diag = {"steps": [], "gradient_variance": []}
 
-    def record(i):
-        diag["steps"].append(i)
-        diag["gradient_variance"].append(
-            diagnostics.measure(model, guide, estimator, objective, num_particles, seed=seed * 1_000_003 + i)
+@dataclasses.dataclass
+class FitState:
+    """Everything a fit carries from step to step; hooks read and extend it between stops.
+
+    ``losses`` and ``flags`` live on the fit's device; ``step`` is the number of steps done.
+    ``flags[i]`` says which of ``[loss, each gradient, each parameter]`` was not finite at
+    step ``i`` (see :func:`_not_finite`).
+    """
+
+    model: Any
+    guide: Any
+    estimator: Any
+    objective: Objective
+    optimizer: Any
+    scheduler: Any
+    num_particles: int
+    seed: int
+    steps: int
+    losses: torch.Tensor
+    step: int = 0
+    first_step: int = 0
+    elapsed: float = 0.0
+    skipped: int = 0
+    diagnostics: dict = dataclasses.field(default_factory=dict)
+    flags: torch.Tensor = None
+    names: tuple = ()
+    params: tuple = ()
+
+    def __post_init__(self):
+        self.names, self.params = zip(*self.guide.named_parameters())
+        self.flags = torch.zeros(
+            self.steps, 1 + 2 * len(self.params), dtype=torch.bool, device=self.losses.device
         )
 
-    identity = {
-        "seed": seed,
-        "estimator": repr(estimator),
-        "objective": repr(objective),
-        "guide_type": type(guide).__name__,
-        "num_particles": num_particles,
-    }
-    start, elapsed, rng_state, skipped = 0, 0.0, None, 0
-    if checkpoint is not None:
+    @property
+    def device(self) -> torch.device:
+        return self.losses.device
+
+    @property
+    def where(self) -> str:
+        return (
+            f"estimator {self.estimator!r}, guide {type(self.guide).__name__}, objective "
+            f"{self.objective!r}, model {self.model.name!r}"
+        )
+
+
+class Hook:
+    """Something done between runs of steps: each hook names the next step at which it wants
+    control, and the loop runs on the device, without host reads, until the nearest one."""
+
+    def start(self, state: FitState) -> None:
+        """Before the first step (after a resume, at the resumed step)."""
+
+    def next_stop(self, state: FitState) -> int:
+        """The step count (> ``state.step``) at which this hook next wants control."""
+        return state.steps
+
+    def at_stop(self, state: FitState) -> None:
+        """At every stop (``state.step`` steps done); act when it is this hook's own."""
+
+    def close(self, state: FitState) -> None:
+        """When the fit ends, normally or not."""
+
+
+def _every(n: int, state: FitState) -> int:
+    return (state.step // n + 1) * n
+
+
+class FiniteCheck(Hook):
+    """Reads the losses and flags once per ``every`` steps: non-finite steps, divergence."""
+
+    def __init__(self, every: int, nan_policy: str):
+        self.every, self.nan_policy = every, nan_policy
+        self.last = 0
+        self.history = torch.empty(0)
+
+    def start(self, state):
+        self.last = state.step
+        self.history = self.history.to(state.losses.dtype)
+
+    def next_stop(self, state):
+        return self.last + self.every
+
+    def at_stop(self, state):
+        start, stop = self.last, state.step
+        if stop == start:
+            return
+        # The one host read per run of steps: the losses and the flags.
+        chunk = state.losses[start:stop].cpu()
+        flags = state.flags[start:stop].cpu()
+        failed = flags.any(1)
+        if self.nan_policy == "skip" and bool(failed.any()):
+            state.skipped += int(failed.sum())
+            if state.skipped <= stop // 2:
+                failed = torch.zeros_like(failed)
+        if bool(failed.any()):
+            j = int(failed.nonzero()[0, 0])
+            prefix = "" if self.nan_policy == "raise" else f"{state.skipped} of {stop} steps were skipped; "
+            raise NonFiniteLossError(
+                prefix
+                + _what_went_wrong(flags[j], float(chunk[j]), state.names)
+                + f" at step {start + j} with {state.where}. Check the log density for NaN/inf over "
+                "the guide's support, lower lr, or use more particles."
+            )
+        self.history = _check_divergence(self.history, chunk[~flags.any(1)], start, state.where)
+        self.last = stop
+
+
+class RecordGradientVariance(Hook):
+    """``fit(diagnostics=GradientVariance(every=...))``: measurements at multiples of ``every``
+    and at the last step, each seeing the parameters of the step it is labelled with."""
+
+    def __init__(self, diagnostics):
+        self.diagnostics = diagnostics
+
+    def _record(self, state):
+        d = state.diagnostics
+        if state.step in d["steps"]:
+            return
+        d["steps"].append(state.step)
+        d["gradient_variance"].append(
+            self.diagnostics.measure(
+                state.model,
+                state.guide,
+                state.estimator,
+                state.objective,
+                state.num_particles,
+                seed=state.seed * 1_000_003 + state.step,
+            )
+        )
+
+    def start(self, state):
+        if not state.diagnostics:
+            state.diagnostics = {"steps": [], "gradient_variance": []}
+        if state.step % self.diagnostics.every == 0:
+            self._record(state)
+
+    def next_stop(self, state):
+        return _every(self.diagnostics.every, state)
+
+    def at_stop(self, state):
+        if state.step % self.diagnostics.every == 0 or state.step == state.steps:
+            self._record(state)
+
+
+class Checkpoint(Hook):
+    """Atomic checkpoints every ``every`` steps and at the end; :meth:`restore` resumes from one."""
+
+    def __init__(self, path, every: int):
+        self.path, self.every = path, every
+
+    def identity(self, state) -> dict:
+        return {
+            "seed": state.seed,
+            "estimator": repr(state.estimator),
+            "objective": repr(state.objective),
+            "guide_type": type(state.guide).__name__,
+            "num_particles": state.num_particles,
+        }
+
+    def start(self, state):
         from vipkg import checkpoint as ckpt
 
-        ckpt.remove_stale_temporaries(checkpoint)
-        if resume and os.path.exists(checkpoint):
-            state = ckpt.load_checkpoint(checkpoint, map_location=device)
-            ckpt.check_matches(checkpoint, state, identity)
-            start = int(state["step"])
-            if start > steps:
-                raise ckpt.CheckpointError(
-                    f"checkpoint {str(checkpoint)!r} is at step {start}, past steps={steps}; "
-                    f"pass steps >= {start} to continue it."
-                )
-            guide.load_state_dict(state["guide"])
-            opt.load_state_dict(state["optimizer"])
-            if sched is not None and state.get("scheduler") is not None:
-                sched.load_state_dict(state["scheduler"])
-            estimator.load_state_dict(state["estimator_state"])
-            losses[:start] = state["losses"].to(losses)
-            elapsed = float(state["elapsed"])
-            skipped = int(state.get("skipped_steps", 0))
-            rng_state = state["rng"]
-            if diagnostics is not None:
-                diag = ckpt.diagnostics_from_state(state["diagnostics"]) or diag
+        ckpt.remove_stale_temporaries(self.path)
 
-    def save(step):
+    def restore(self, state):
+        """Continue from the checkpoint when it exists (a fresh start when it does not)."""
+        from vipkg import checkpoint as ckpt
+
+        if not os.path.exists(self.path):
+            return
+        saved = ckpt.load_checkpoint(self.path, map_location=state.device)
+        ckpt.check_matches(self.path, saved, self.identity(state))
+        step = int(saved["step"])
+        if step > state.steps:
+            raise ckpt.CheckpointError(
+                f"checkpoint {str(self.path)!r} is at step {step}, past steps={state.steps}; "
+                f"pass steps >= {step} to continue it."
+            )
+        state.guide.load_state_dict(saved["guide"])
+        try:
+            state.optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as err:
+            raise ckpt.CheckpointError(
+                f"checkpoint {str(self.path)!r}: its optimizer state does not fit this guide's parameters "
+                f"({err}); it was written for another parameterization (an earlier vipkg?). Its guide "
+                "still loads with guide.load_state_dict(state['guide']); start a new fit from there."
+            ) from err
+        if state.scheduler is not None and saved.get("scheduler") is not None:
+            state.scheduler.load_state_dict(saved["scheduler"])
+        state.estimator.load_state_dict(saved["estimator_state"])
+        state.losses[:step] = saved["losses"].to(state.losses)
+        state.elapsed = float(saved["elapsed"])
+        state.skipped = int(saved.get("skipped_steps", 0))
+        state.step = state.first_step = step
+        _set_rng_state(saved["rng"], state.device)
+        if saved.get("diagnostics"):
+            state.diagnostics = ckpt.diagnostics_from_state(saved["diagnostics"])
+
+    def next_stop(self, state):
+        return _every(self.every, state)
+
+    def at_stop(self, state):
+        if state.step % self.every == 0 or state.step == state.steps:
+            self.save(state)
+
+    def save(self, state):
+        from vipkg import checkpoint as ckpt
+
         ckpt.save_checkpoint(
-            checkpoint,
+            self.path,
             {
-                **identity,
-                "step": step,
-                "guide": guide.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": None if sched is None else sched.state_dict(),
-                "estimator_state": estimator.state_dict(),
-                "rng": _rng_state(device),
-                "losses": losses[:step].detach().cpu(),
-                "elapsed": elapsed,
-                "skipped_steps": skipped,
-                "diagnostics": ckpt.diagnostics_to_state(diag),
+                **self.identity(state),
+                "step": state.step,
+                "guide": state.guide.state_dict(),
+                "optimizer": state.optimizer.state_dict(),
+                "scheduler": None if state.scheduler is None else state.scheduler.state_dict(),
+                "estimator_state": state.estimator.state_dict(),
+                "rng": _rng_state(state.device),
+                "losses": state.losses[: state.step].detach().cpu(),
+                "elapsed": state.elapsed,
+                "skipped_steps": state.skipped,
+                "diagnostics": ckpt.diagnostics_to_state(state.diagnostics),
             },
         )
 
-    bar = None
-    if _progress_enabled(progress):
+
+class ProgressBar(Hook):
+    """A tqdm bar, updated every ``every`` steps with the last loss."""
+
+    def __init__(self, every: int):
+        self.every, self.bar, self.shown = every, None, 0
+
+    def start(self, state):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, initial=start, desc=f"{estimator.name}", leave=False)
-    where = (
-        f"estimator {estimator!r}, guide {type(guide).__name__}, objective {objective!r}, "
-        f"model {model.name!r}"
+        self.shown = state.step
+        self.bar = tqdm(total=state.steps, initial=state.step, desc=state.estimator.name, leave=False)
+
+    def next_stop(self, state):
+        return self.shown + self.every
+
+    def at_stop(self, state):
+        if state.step >= self.shown + self.every or state.step == state.steps:
+            self.bar.update(state.step - self.shown)
+            self.bar.set_postfix(loss=f"{float(state.losses[state.step - 1]):.4g}")
+            self.shown = state.step
+
+    def close(self, state):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Callback(Hook):
+    """``callback(step, loss)`` every ``every`` steps and at the end (outside the timed loop)."""
+
+    def __init__(self, fn, every: int):
+        self.fn, self.every, self.called = fn, every, 0
+
+    def start(self, state):
+        self.called = state.step
+
+    def next_stop(self, state):
+        return self.called + self.every
+
+    def at_stop(self, state):
+        if state.step >= self.called + self.every or state.step == state.steps:
+            self.fn(state.step, float(state.losses[state.step - 1]))
+            self.called = state.step
+
+
+def _make_step(state: FitState, nan_policy: str, compile: bool):
+    est, model, guide, obj, S, opt = (
+        state.estimator,
+        state.model,
+        state.guide,
+        state.objective,
+        state.num_particles,
+        state.optimizer,
     )
-    first_step, history = start, torch.empty(0, dtype=losses.dtype)
-    try:
-        with seeded(seed, device):
-            if rng_state is not None:
-                _set_rng_state(rng_state, device)
-            while start < steps:
-                stop = min(start + check_every, steps)
-                if diagnostics is not None:
-                    # Chunks end at record steps, so each measurement sees the
-                    # parameters of the step it is labelled with.
-                    if start % diagnostics.every == 0 and start not in diag["steps"]:
-                        record(start)
-                    stop = min(stop, (start // diagnostics.every + 1) * diagnostics.every)
-                if checkpoint is not None:
-                    stop = min(stop, (start // checkpoint_every + 1) * checkpoint_every)
-                _sync(device)
-                t0 = time.perf_counter()
-                for i in range(start, stop):
-                    try:
-                        losses[i], bad[i] = step()
-                    except (ValueError, RuntimeError) as err:
-                        # Skipped steps were undone, so only under "raise" can they explain the error.
-                        past = bad[: i + 1] if nan_policy == "raise" else bad[i : i + 1]
-                        exc = _step_error(err, i, first_step, past.cpu(), where, names, params)
-                        if exc is None:
-                            raise
-                        if nan_policy == "skip" and getattr(exc, "skippable", False):
-                            # The model refused this step's draws before any update: nothing
-                            # to undo, so the step counts as skipped and the fit goes on.
-                            losses[i], bad[i, 0] = float("nan"), True
-                            continue
-                        raise exc from err
-                    if sched is not None:
-                        sched.step()
-                # The one host read per chunk: the losses and the flags together.
-                chunk = losses[start:stop].cpu()
-                flags = bad[start:stop].cpu()
-                elapsed += time.perf_counter() - t0
-                failed = flags.any(1)
-                if nan_policy == "skip" and bool(failed.any()):
-                    skipped += int(failed.sum())
-                    if skipped <= stop // 2:
-                        failed = torch.zeros_like(failed)
-                if bool(failed.any()):
-                    j = int(failed.nonzero()[0, 0])
-                    prefix = "" if nan_policy == "raise" else f"{skipped} of {stop} steps were skipped; "
-                    raise NonFiniteLossError(
-                        prefix
-                        + _what_went_wrong(flags[j], float(chunk[j]), names)
-                        + f" at step {start + j} with {where}. Check the log density for NaN/inf over "
-                        "the guide's support, lower lr, or use more particles."
-                    )
-                history = _check_divergence(history, chunk[~flags.any(1)], start, where)
-                if diagnostics is not None and stop == steps and steps not in diag["steps"]:
-                    record(steps)
-                if checkpoint is not None and (stop % checkpoint_every == 0 or stop == steps):
-                    save(stop)
-                if bar is not None or callback is not None:
-                    last = float(chunk[-1])
-                    if bar is not None:
-                        bar.update(stop - start)
-                        bar.set_postfix(loss=f"{last:.4g}")
-                    if callback is not None:
-                        callback(stop, last)
-                start = stop
-    finally:
-        if bar is not None:
-            bar.close()
-    return FitResult(
-        model=model,
-        guide=guide,
-        estimator=estimator,
-        objective=objective,
-        losses=losses.detach().cpu(),
-        elapsed=elapsed,
-        diagnostics=diag,
-        num_particles=num_particles,
-        skipped_steps=skipped,
-    )
+
+    def step_fn():
+        return est.step(model, guide, obj, S, opt).loss
+
+    wrap = _undo_if_not_finite if nan_policy == "skip" else _flag_not_finite
+    step_fn = wrap(step_fn, state.params, opt)
+    return _compiled(step_fn, state.device) if compile else step_fn
+
+
+def _run(state: FitState, step, stop: int, nan_policy: str) -> None:
+    """Steps ``state.step .. stop - 1`` on the device, timed, with no host read."""
+    losses, flags, sched = state.losses, state.flags, state.scheduler
+    _sync(state.device)
+    t0 = time.perf_counter()
+    for i in range(state.step, stop):
+        try:
+            losses[i], flags[i] = step()
+        except (ValueError, RuntimeError) as err:
+            # Skipped steps were undone, so only under "raise" can they explain the error.
+            past = flags[: i + 1] if nan_policy == "raise" else flags[i : i + 1]
+            exc = _step_error(err, i, state.first_step, past.cpu(), state.where, state.names, state.params)
+            if exc is None:
+                raise
+            if nan_policy == "skip" and getattr(exc, "skippable", False):
+                # The model refused this step's draws before any update: nothing to undo,
+                # so the step counts as skipped and the fit goes on.
+                losses[i], flags[i, 0] = float("nan"), True
+                continue
+            raise exc from err
+        if sched is not None:
+            sched.step()
+    _sync(state.device)
+    state.elapsed += time.perf_counter() - t0
+    state.step = stop
 
 
 def _not_finite(loss, params) -> torch.Tensor:
