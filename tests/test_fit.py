@@ -151,7 +151,9 @@ def _nan_gradient_density(bad_calls):
 def test_non_finite_gradient_with_finite_loss_names_step_and_parameters():
     model = _nan_gradient_density({38})
     with pytest.raises(
-        vipkg.NonFiniteLossError, match=r"gradient of loc, raw_scale was not finite.* at step 37"
+        vipkg.NonFiniteLossError,
+        match=r"at step 38 with .*parameter\(s\) loc, raw_scale are no longer finite \(the gradient or "
+        r"update of step 37",
     ):
         vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=100, progress=False)
 
