@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vipkg
+from tests.estimators.contract import Case, EstimatorContract
 from tests.helpers import assert_unbiased, exact_loss_gradient, gaussian_elbo, random_gaussian_target
 from vipkg.diagnostics import gradient_samples, gradient_variance, laplace
 from vipkg.estimators.bures import BWSGD, FBGVI, smoothness_constant, smoothness_step_size
@@ -395,3 +396,43 @@ def test_hessian_falls_back_to_row_loop_without_vmap(monkeypatch):
     assert calls["batched"] == 1
     assert torch.allclose(looped, batched, atol=1e-12)
     assert torch.allclose(batched[0], batched[0].T)
+
+
+# ------------------------------------------------------------------ the estimator contract
+class _DropsEntropy(FBGVI):
+    """A biased variant: the estimate without -Sigma^{-1} in dLoss/dSigma (the entropy term)."""
+
+    def estimate(self, model, guide, objective, num_particles):
+        info = super().estimate(model, guide, objective, num_particles)
+        offset = _entropy_term_gradient(guide)
+        for name, p in guide.named_parameters():
+            p.grad = p.grad + offset[name]
+        return info
+
+
+def _quartic_gradient(model, guide):
+    return _exact_gradient(model, guide, _quartic()[1])
+
+
+class TestBuresContract(EstimatorContract):
+    """FB-GVI (exact and Stein Hessians) and BW-SGD: the gradient their estimate writes is the
+    ELBO's, against a non-Gaussian (quartic) target with a closed-form E_q[V]; biased variant:
+    the entropy term dropped. Their own steps ignore the optimizer (the fits check determinism)."""
+
+    cases = [
+        Case(
+            f"{name}-quartic",
+            model=lambda: _quartic()[0],
+            guide=_guide,
+            estimator=make,
+            exact=_quartic_gradient,
+            biased=lambda: _DropsEntropy(0.1),
+            shift=shift,
+            seed=11,
+        )
+        for name, make, shift in [
+            ("fbgvi", lambda: FBGVI(0.1), 0.1),
+            ("fbgvi-stein", lambda: FBGVI(0.1, hessian="stein"), 0.25),  # Stein's Hessian: SE 0.03-0.07
+            ("bwsgd", lambda: BWSGD(0.1), 0.1),
+        ]
+    ]

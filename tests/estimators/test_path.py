@@ -6,6 +6,7 @@ import torch
 from torch.distributions import Independent, Normal
 
 import vipkg
+from tests.estimators.contract import Case, EstimatorContract
 from tests.helpers import assert_unbiased, exact_loss_gradient, gaussian_elbo, random_gaussian_target
 from vipkg.diagnostics import gradient_samples, gradient_variance
 from vipkg.estimators.path import (
@@ -446,3 +447,52 @@ def test_stl_bound_stays_possible_in_float32_with_an_ill_conditioned_factor():
     with torch.no_grad():
         generic = -(guide.log_joint(model, z) - stopped_log_prob(guide, z)).mean()
     assert not float(generic) > -1e3
+
+
+# -------------------------------------------------------------------- the estimator contract
+def _small_flow(model):
+    guide = Flow.real_nvp(model, layers=2, hidden=8, dtype=F64)
+    _randomize(guide, 0.2, 0)
+    return guide
+
+
+class TestPathContract(EstimatorContract):
+    """STL against the closed-form ELBO gradient (biased variant: its importance-weighted form,
+    Tucker et al. 2019); DReG against Reparam's IWAE gradient on common draws (no closed form;
+    biased variant: STL's importance-weighted form); FastPath on a RealNVP flow against Reparam
+    on common draws (biased variant: the forward-KL gradient)."""
+
+    cases = [
+        Case(
+            "stl-fullrank",
+            model=_target,
+            guide=lambda m: _guide(FullRankNormal, m),
+            estimator=STL,
+            exact=lambda m, g: _exact(g, m),
+            biased=lambda: STL(allow_biased=True),
+            biased_objective=lambda: vipkg.IWAE(8),
+            biased_particles=1,
+            seed=11,
+        ),
+        Case(
+            "dreg-fullrank-iwae8",
+            model=_target,
+            guide=lambda m: _guide(FullRankNormal, m),
+            estimator=DReG,
+            objective=lambda: vipkg.IWAE(8),
+            num_particles=2,
+            reference=vipkg.Reparam,
+            biased=lambda: STL(allow_biased=True),
+            seed=4,
+        ),
+        Case(
+            "fastpath-realnvp",
+            model=lambda: _target(3),
+            guide=_small_flow,
+            estimator=FastPath,
+            reference=vipkg.Reparam,
+            biased=lambda: FastPath(kl="forward"),
+            n_se=4.5,  # a few hundred coordinates: Bonferroni-style, as for the flows above
+            seed=5,
+        ),
+    ]
