@@ -221,3 +221,29 @@ def test_fast_early_progress_is_not_divergence(seed):
         model, MeanFieldNormal(model), vipkg.Reparam(), steps=400, lr=0.5, seed=seed, progress=False
     )
     assert float(r.losses[0]) > 1e4 and float(r.losses[-20:].mean()) < 100
+
+
+def _shifted_density(shift, calls_from, calls_to=10**9):
+    calls = {"n": 0}
+
+    def density(x):
+        calls["n"] += 1
+        out = -0.5 * (x**2).sum(-1)
+        return out + shift if calls_from < calls["n"] <= calls_to else out
+
+    return vipkg.Model.from_log_density(density, 2)
+
+
+def test_a_run_of_steps_whose_loss_explodes_upwards_is_divergence():
+    model = _shifted_density(-1e7, 120)  # from step 120 on the loss is 1e7 higher: the guide ran away
+    with pytest.raises(
+        vipkg.NonFiniteLossError, match=r"diverged in steps 100-149 .*rose to a median of 1e\+07"
+    ):
+        vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=300, progress=False)
+
+
+def test_a_single_upward_spike_is_not_divergence():
+    """One draw in a far tail can make one step's loss huge; that alone is noise, not divergence."""
+    model = _shifted_density(-1e9, 120, 121)
+    r = vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=300, progress=False)
+    assert float(r.losses[120]) > 1e8 and float(r.losses[-20:].mean()) < 10

@@ -439,7 +439,7 @@ class FiniteCheck(Hook):
                 + ". Check the log density for NaN/inf over "
                 "the guide's support, lower lr, or use more particles."
             )
-        self.history = _check_divergence(self.history, chunk[torch.isfinite(chunk)], start, state.where)
+        self.history = _check_divergence(self.history, chunk, start, state.where)
         self.last = stop
 
 
@@ -747,27 +747,45 @@ def _step_error(err, i, past_losses, state: FitState) -> NonFiniteLossError | No
     return None
 
 
-def _check_divergence(history: torch.Tensor, finite: torch.Tensor, start: int, where: str) -> torch.Tensor:
-    """Raise when a loss falls impossibly far below the recent ones; return the updated history.
+def _check_divergence(history: torch.Tensor, chunk: torch.Tensor, start: int, where: str) -> torch.Tensor:
+    """Raise when the losses of ``chunk`` (steps ``start..``) leave the range the recent ones make
+    possible; return the updated history of finite losses.
 
     A loss is minus a lower bound on the log evidence, so it cannot fall without
     limit: a single step that lands ``DIVERGENCE_SPREADS`` robust spreads (and at
     least as many nats) below the median of the last few hundred steps means the
     bound has stopped meaning anything (an ill-conditioned factor in float32, say).
+    Upwards one noisy step may spike (a draw in a far tail), so only a whole run of
+    steps whose median rises that far counts: the guide has run away.
     """
-    window = torch.cat([history, finite])[-500:]
-    if window.numel() >= 5:
-        med = window.median()
-        spread = 1.4826 * (window - med).abs().median()
-        limit = med - DIVERGENCE_SPREADS * max(float(spread), 0.01 * abs(float(med)), 1.0)
-        low = (finite < limit).nonzero()
-        if low.numel():
-            j = int(low[0, 0])
+    finite = torch.isfinite(chunk)
+    window = torch.cat([history, chunk[finite]])[-500:]
+    if window.numel() < 5:
+        return window
+
+    def scale(x):
+        med = x.median()
+        spread = 1.4826 * (x - med).abs().median()
+        return med, spread, DIVERGENCE_SPREADS * max(float(spread), 0.01 * abs(float(med)), 1.0)
+
+    med, spread, margin = scale(window)
+    low = (finite & (chunk < med - margin)).nonzero()
+    if low.numel():
+        j = int(low[0, 0])
+        raise NonFiniteLossError(
+            f"the fit diverged at step {start + j} with {where}: the loss jumped to "
+            f"{float(chunk[j]):.4g}, far below the recent median {float(med):.4g} "
+            f"(spread {float(spread):.3g}): an impossible bound. Lower lr, use float64, or a "
+            "better conditioned parameterization."
+        )
+    if history.numel() >= 5 and int(finite.sum()) >= 5:
+        past_med, past_spread, past_margin = scale(history[-500:])
+        now = chunk[finite].median()
+        if now > past_med + past_margin:
             raise NonFiniteLossError(
-                f"the fit diverged at step {start + j} with {where}: the loss jumped to "
-                f"{float(finite[j]):.4g}, far below the recent median {float(med):.4g} "
-                f"(spread {float(spread):.3g}): an impossible bound. Lower lr, use float64, or a "
-                "better conditioned parameterization."
+                f"the fit diverged in steps {start}-{start + chunk.numel() - 1} with {where}: the loss "
+                f"rose to a median of {float(now):.4g} from {float(past_med):.4g} (spread "
+                f"{float(past_spread):.3g}) before: the guide ran away. Lower lr or use float64."
             )
     return window
 
