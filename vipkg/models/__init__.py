@@ -11,6 +11,14 @@ from vipkg.models.flow_targets import gaussian_mixture, phi4
 from vipkg.models.gamma_def import sparse_gamma_def
 from vipkg.models.gaussians import funnel, gaussian, linear_regression_conjugate
 from vipkg.models.gp_classification import gp_classification
+from vipkg.models.hard import (
+    HARD_POSTERIORS,
+    ar_series,
+    correlated_regression,
+    eight_schools_centered,
+    random_walk,
+    stochastic_volatility,
+)
 from vipkg.models.logistic import logistic_regression
 from vipkg.models.mixture import discrete_mixture, sigmoid_belief_net
 from vipkg.models.targets import banana
@@ -32,6 +40,10 @@ ZOO = {
     "bnn_regression": bnn_regression,
     "banana": banana,
     "gp_classification": gp_classification,
+    "correlated_regression": correlated_regression,
+    "random_walk": random_walk,
+    "ar_series": ar_series,
+    "stochastic_volatility": stochastic_volatility,
 }
 
 __all__ = [
@@ -51,4 +63,10 @@ __all__ = [
     "bnn_regression",
     "banana",
     "gp_classification",
+    "HARD_POSTERIORS",
+    "correlated_regression",
+    "random_walk",
+    "eight_schools_centered",
+    "ar_series",
+    "stochastic_volatility",
 ]
