@@ -49,8 +49,7 @@ class Antithetic(Estimator):
         eps = torch.randn(half, *shape[1:], loc.shape[-1], dtype=loc.dtype, device=loc.device)
         eps = torch.cat([eps, -eps])[: shape[0]]
         z = loc + scale * eps
-        latents, ladj = named_latents(guide, model, z, shape)
-        return Draw(latents, guide().log_prob(z).reshape(-1) - ladj)
+        return Draw(*named_latents(guide, model, z, shape, guide().log_prob(z)))
 
     def estimate(self, model, guide, objective, num_particles):
         return estimate_parts(model, guide, objective, num_particles, [Part(self, guide, model)])

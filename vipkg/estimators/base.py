@@ -218,24 +218,27 @@ def surrogate_backward(guide, loss: torch.Tensor, surrogate: torch.Tensor | None
     (loss if surrogate is None else surrogate).backward()
 
 
-def named_latents(guide, model, z, shape) -> tuple[dict, torch.Tensor]:
-    """A family's draws ``z`` of batch ``shape`` as named constrained sites ``[N, *site_shape]``.
+def named_latents(guide, model, z, shape, log_q) -> tuple[dict, torch.Tensor]:
+    """A family's draws ``z`` of batch ``shape`` as named constrained sites ``[N, *site_shape]``,
+    and their ``log_q`` (the family's density, batch ``shape``) as ``[N]`` in the sites' space.
 
-    Returns the sites and ``log |det J|`` of the family's map to them (``[N]``, or a scalar
-    zero for families that already live in the sites' space), to subtract from the family's
-    ``log q``. ``z`` is a flat unconstrained vector for ``guide.unconstrained`` families,
-    the family's own layout otherwise, or already a dict of sites.
+    ``z`` is a flat unconstrained vector for ``guide.unconstrained`` families (``log |det J|``
+    of the map to the sites is subtracted from ``log_q``), the family's own layout otherwise,
+    or already a dict of sites. Models whose sites are all real take no Jacobian, and no
+    kernel is spent on a zero one: this is the hot path of every single-family step.
     """
     shape = torch.Size(shape)
     n = math.prod(shape)
+    log_q = log_q.reshape(n)
     if isinstance(z, dict):
-        first = next(iter(z.values()))
-        zero = torch.zeros((), dtype=log_dtype(first), device=first.device)
-        return {k: v.reshape(n, *v.shape[len(shape) :]) for k, v in z.items()}, zero
+        return {k: v.reshape(n, *v.shape[len(shape) :]) for k, v in z.items()}, log_q
     flat = z.reshape(n, *z.shape[len(shape) :])
-    if guide.unconstrained:
-        return model._constrain_with_ladj(flat)
-    return guide.constrain(model, flat), torch.zeros((), dtype=log_dtype(z), device=z.device)
+    if not guide.unconstrained:
+        return guide.constrain(model, flat), log_q
+    if model._identity:
+        return model.constrain(flat), log_q
+    latents, ladj = model._constrain_with_ladj(flat)
+    return latents, log_q - ladj
 
 
 def log_dtype(t: torch.Tensor) -> torch.dtype:
@@ -329,10 +332,10 @@ def estimate_parts(model, guide, objective, num_particles: int, parts) -> StepIn
     for p in parts:
         p.estimator.check_particles(num_particles)
     draws = [p.estimator.draw(p.family, p.model, shape) for p in parts]
-    latents, log_q = {}, 0.0
+    latents, log_q = {}, None
     for d in draws:
         latents.update(d.latents)
-        log_q = log_q + d.log_q
+        log_q = d.log_q if log_q is None else log_q + d.log_q
     scored = any(d.score_terms for d in draws)
     rb = (
         type(objective) is ELBO

@@ -101,8 +101,7 @@ class STL(Estimator):
         """Reparameterized draws with ``log q`` at stopped parameters; the Jacobian of the map to
         the sites depends only on the draw, so its path gradient stays."""
         z, log_q = guide.rsample_and_stopped_log_prob(shape)
-        latents, ladj = named_latents(guide, model, z, shape)
-        return Draw(latents, log_q.reshape(-1) - ladj)
+        return Draw(*named_latents(guide, model, z, shape, log_q))
 
     def estimate(self, model, guide, objective, num_particles):
         return estimate_parts(model, guide, objective, num_particles, [Part(self, guide, model)])

@@ -42,8 +42,7 @@ class Reparam(Estimator):
     def draw(self, guide, model, shape) -> Draw:
         """Reparameterized draws and their live ``log q`` (Jacobian of the map to the sites included)."""
         z, log_q = guide.rsample_and_log_prob(shape)
-        latents, ladj = named_latents(guide, model, z, shape)
-        return Draw(latents, log_q.reshape(-1) - ladj)
+        return Draw(*named_latents(guide, model, z, shape, log_q))
 
     def estimate(self, model, guide, objective, num_particles):
         return estimate_parts(model, guide, objective, num_particles, [Part(self, guide, model)])

@@ -174,8 +174,7 @@ class RSVI(Estimator):
         """Draws with a pathwise gradient, and ``log pi(eps)`` as a score term whose cost is the
         bound (or, Rao-Blackwellized, the log-joint terms of the part's sites minus its ``log q``)."""
         z, log_pi = self.rsample(guide, shape)
-        latents, ladj = named_latents(guide, model, z, shape)
-        log_q = guide().log_prob(z).reshape(-1) - ladj
+        latents, log_q = named_latents(guide, model, z, shape, guide().log_prob(z))
         terms = ()
         if self.correction:
             terms = (ScoreTerm(log_pi.reshape(-1), log_q, frozenset(latents)),)

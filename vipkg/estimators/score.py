@@ -207,8 +207,7 @@ class ScoreFunction(Estimator):
         independent factor of the guide (per site and entry where it exposes ``log_prob_parts``)."""
         z, log_q = guide.sample_and_log_prob(shape)
         z = {k: v.detach() for k, v in z.items()} if isinstance(z, dict) else z.detach()
-        latents, ladj = named_latents(guide, model, z, shape)
-        log_q = log_q.reshape(-1) - ladj
+        latents, log_q = named_latents(guide, model, z, shape, log_q)
         rb = self.rao_blackwellize
         if callable(getattr(guide, "log_prob_parts", None)):
             factors = guide.log_prob_parts(model, z)[1]
