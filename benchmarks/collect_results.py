@@ -14,7 +14,19 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ["step", "path", "rsvi", "score", "svgd", "bures", "gp", "distributed", "diagnostics", "soak"]
+ORDER = [
+    "step",
+    "path",
+    "rsvi",
+    "score",
+    "svgd",
+    "bures",
+    "gp",
+    "accuracy",
+    "distributed",
+    "diagnostics",
+    "soak",
+]
 
 
 def main() -> int:
