@@ -222,3 +222,25 @@ def test_pyro_program_is_rao_blackwellized_per_datum():
         assert_unbiased(s, exact)
         v[rb] = float(s["raw_logits.c"].var(0).sum())
     assert v[True] < 0.5 * v[False], v
+
+
+def test_scalar_boolean_site_fits_on_the_rao_blackwellized_path():
+    """Regression: a 0-d Bernoulli latent crashed with ``reshape() missing 1 required positional
+    argument`` (an unbatched draw of a scalar site reshaped to ``reshape(*())``)."""
+    import pyro
+    import pyro.distributions as dist
+
+    from vipkg.estimators.per_site import PerSite
+    from vipkg.guides import Composite, MeanFieldNormal
+
+    def model():
+        p = pyro.sample("p", dist.Beta(2.0, 2.0))
+        b = pyro.sample("b", dist.Bernoulli(p))
+        pyro.sample("y", dist.Normal(b, 1.0), obs=torch.tensor(0.7))
+
+    m = vipkg.Model.from_pyro(model)
+    assert m.sites["b"].shape == () and m.has_terms
+    guide = Composite(m, {"p": MeanFieldNormal, "b": Bernoulli})
+    assert guide.sample_and_log_prob(())[0]["b"].shape == ()
+    r = vipkg.fit(m, guide, PerSite(), steps=30, progress=False)
+    assert torch.isfinite(r.losses).all()

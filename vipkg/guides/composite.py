@@ -314,7 +314,7 @@ class Composite(Guide):
             lat, ladj = self.part_latents(i, z.reshape(n, *z.shape[len(shape) :]))
             latents.update(lat)
             log_q = log_q + lq - (ladj.reshape(shape) if ladj.dim() else ladj)
-        return {k: v.reshape(*shape, *v.shape[1:]) for k, v in latents.items()}, log_q
+        return {k: v.reshape(shape + v.shape[1:]) for k, v in latents.items()}, log_q
 
     def sample_and_log_prob(self, shape=()):
         return self._draw(shape, reparam=False)

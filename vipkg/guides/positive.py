@@ -150,7 +150,9 @@ class _NamedSiteGuide(Guide):
     def _split(self, z):
         batch = z.shape[:-1]
         parts = z.split(self._numels, dim=-1)
-        return {k: p.reshape(*batch, *self.site_shapes[k]) for k, p in zip(self.site_names, parts)}
+        # A tuple, not unpacked: a scalar site of an unbatched draw reshapes to (), which
+        # ``reshape(*())`` (no arguments at all) refuses.
+        return {k: p.reshape(batch + torch.Size(self.site_shapes[k])) for k, p in zip(self.site_names, parts)}
 
     def log_joint(self, model, z):
         """log p(x, z) for draws ``z: [*batch, numel]`` of this guide; shape ``batch``."""
