@@ -69,3 +69,20 @@ def exact_loss_gradient(guide, elbo: torch.Tensor) -> dict:
     names, params = zip(*guide.named_parameters())
     grads = torch.autograd.grad(-elbo, params, allow_unused=True)
     return {n: (torch.zeros_like(p) if g is None else g) for n, p, g in zip(names, params, grads)}
+
+
+def exported_estimator_classes() -> list:
+    """Every concrete Estimator class that ``vipkg.estimators`` exports."""
+    import inspect
+
+    from vipkg import estimators
+    from vipkg.estimators import Estimator
+
+    return [
+        obj
+        for name in estimators.__all__
+        if inspect.isclass(obj := getattr(estimators, name))
+        and issubclass(obj, Estimator)
+        and obj is not Estimator
+        and not inspect.isabstract(obj)
+    ]

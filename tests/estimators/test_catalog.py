@@ -1,27 +1,14 @@
 """The estimator catalogue: one configuration at least per exported estimator, and every one builds."""
 
-import inspect
-
 import pytest
 import torch
 
 import vipkg
-import vipkg.estimators as estimators
+from tests.helpers import exported_estimator_classes
 from vipkg.estimators import Estimator, catalog
 
 
-def _exported_estimator_classes():
-    return [
-        obj
-        for name in estimators.__all__
-        if inspect.isclass(obj := getattr(estimators, name))
-        and issubclass(obj, Estimator)
-        and obj is not Estimator
-        and not inspect.isabstract(obj)
-    ]
-
-
-@pytest.mark.parametrize("cls", _exported_estimator_classes(), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", exported_estimator_classes(), ids=lambda c: c.__name__)
 def test_every_exported_estimator_has_a_configuration(cls):
     assert cls in catalog.estimator_classes(), (
         f"{cls.__name__} is exported from vipkg.estimators but has no configuration in "

@@ -12,20 +12,10 @@ import pytest
 
 import vipkg.estimators as estimators
 from tests.estimators.contract import Case, EstimatorContract
+from tests.helpers import exported_estimator_classes
 from vipkg.estimators import Estimator
 
 HERE = pathlib.Path(__file__).parent
-
-
-def _exported_estimator_classes():
-    return [
-        obj
-        for name in estimators.__all__
-        if inspect.isclass(obj := getattr(estimators, name))
-        and issubclass(obj, Estimator)
-        and obj is not Estimator
-        and not inspect.isabstract(obj)
-    ]
 
 
 def _contract_classes():
@@ -50,7 +40,7 @@ def _cases() -> list[Case]:
     return [case for cls in _contract_classes() for case in cls.cases]
 
 
-@pytest.mark.parametrize("cls", _exported_estimator_classes(), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", exported_estimator_classes(), ids=lambda c: c.__name__)
 def test_every_exported_estimator_has_a_contract_case(cls):
     covered = {case.estimator_class for case in _cases()}
     assert cls in covered, (
