@@ -8,6 +8,7 @@ import torch
 
 import vipkg.models
 import vipkg.models.hard as hard
+from tests.helpers import assert_forms_agree
 from vipkg.models import HARD_POSTERIORS, ZOO
 from vipkg.models._reference import data_checksum, reference_path
 from vipkg.models.eight_schools import EIGHT_SCHOOLS_Y
@@ -23,17 +24,7 @@ SMALL = {
 
 
 def _assert_forms_agree(make):
-    a, b = make(form="tensor", dtype=F64), make(form="pyro", dtype=F64)
-    assert list(a.sites) == list(b.sites)
-    assert {k: s.shape for k, s in a.sites.items()} == {k: s.shape for k, s in b.sites.items()}
-    u = torch.randn(6, a.dim, generator=torch.Generator().manual_seed(0), dtype=F64)
-    # rtol 1e-7 as in test_zoo.py: eight schools' Pyro program builds HalfCauchy(5.0) in float32.
-    assert torch.allclose(a.log_joint_unconstrained(u), b.log_joint_unconstrained(u), rtol=1e-7, atol=1e-8)
-    pa, pb = a.pointwise_log_likelihood(a.constrain(u)), b.pointwise_log_likelihood(b.constrain(u))
-    assert set(pa) == set(pb) and pa
-    for k in pa:
-        assert pa[k].shape == pb[k].shape
-        assert torch.allclose(pa[k], pb[k], atol=1e-8)
+    assert_forms_agree(make(form="tensor", dtype=F64), make(form="pyro", dtype=F64), pointwise_required=True)
 
 
 @pytest.mark.parametrize("name", sorted(HARD_POSTERIORS))

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import vipkg
+from tests.helpers import assert_forms_agree
 from vipkg.estimators import per_site
 from vipkg.guides import MeanFieldNormal
 from vipkg.models import ZOO
@@ -24,18 +25,7 @@ def test_tensor_and_pyro_forms_agree(name):
         return
     if not a.is_continuous:
         pytest.skip("discrete sites: no unconstrained view; tests/models/test_mixture.py checks both forms")
-    b = ZOO[name](form="pyro", dtype=torch.float64)
-    assert list(a.sites) == list(b.sites)
-    assert {k: s.shape for k, s in a.sites.items()} == {k: s.shape for k, s in b.sites.items()}
-    g = torch.Generator().manual_seed(0)
-    u = torch.randn(6, a.dim, generator=g, dtype=torch.float64)
-    # rtol 1e-7: Pyro builds scalar hyper-parameters such as HalfCauchy(5.0) as float32
-    # tensors, which costs ~1e-9 relative even in a float64 run.
-    assert torch.allclose(a.log_joint_unconstrained(u), b.log_joint_unconstrained(u), rtol=1e-7, atol=1e-8)
-    pa, pb = a.pointwise_log_likelihood(a.constrain(u)), b.pointwise_log_likelihood(b.constrain(u))
-    assert set(pa) == set(pb)
-    for k in pa:
-        assert torch.allclose(pa[k], pb[k], atol=1e-8)
+    assert_forms_agree(a, ZOO[name](form="pyro", dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
