@@ -60,9 +60,9 @@ def test_from_pyro_rejects_changing_sites():
         if calls["n"] > 1:
             pyro.sample("b", dist.Normal(0.0, 1.0))
 
-    model = Model.from_pyro(flaky)
+    # The vectorization check runs the program again, so the change is found as it is built.
     with pytest.raises(ModelError, match="changed its latent sites"):
-        model.log_joint({"a": torch.zeros(2)})
+        Model.from_pyro(flaky).log_joint({"a": torch.zeros(2)})
 
 
 def test_from_pyro_rejects_local_latents_in_subsampled_plate():
@@ -77,7 +77,7 @@ def test_from_pyro_rejects_local_latents_in_subsampled_plate():
 def test_from_pyro_nan_data_names_argument():
     y, sigma = _data()
     y[3] = float("nan")
-    with pytest.raises(ValueError, match="arg0"):
+    with pytest.raises(ValueError, match="argument .y. has 1 NaN"):
         Model.from_pyro(_eight_schools_pyro, y, sigma)
 
 

@@ -87,10 +87,12 @@ class FitResult:
 
     @torch.no_grad()
     def sample(self, n: int = 1000, seed: int | None = None) -> dict[str, torch.Tensor]:
-        """``n`` draws from the fitted guide as named constrained sites ``{site: Tensor[n, *shape]}``."""
+        """``n`` draws from the fitted guide as named constrained sites ``{site: Tensor[n, *shape]}``,
+        with the model's deterministic quantities (``pyro.deterministic`` sites) at those draws."""
         with seeded(seed, self.guide.device):
             z = self.guide().sample((n,))
-        return {k: v.detach() for k, v in self.guide.constrain(self.model, z).items()}
+        latents = {k: v.detach() for k, v in self.guide.constrain(self.model, z).items()}
+        return {**latents, **{k: v.detach() for k, v in self.model.deterministic(latents).items()}}
 
     def to_arviz(self, n: int = 1000, seed: int | None = 0):
         """The fit as ArviZ ``InferenceData`` (see :func:`vipkg.diagnostics.to_arviz`)."""

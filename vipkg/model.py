@@ -104,6 +104,10 @@ class Model:
         each site's score is multiplied only by the terms that depend on it.
     term_sites : mapping of str to iterable of str, optional
         For each term, the latent sites it depends on.
+    deterministic : callable, optional
+        ``fn(latents, data) -> dict[name, Tensor[S, *shape]]``: quantities computed
+        from the latents that are worth reporting with them (Pyro's
+        ``pyro.deterministic`` sites); exported with the posterior.
     per_datum : tuple of str, optional
         Entries of ``data`` whose leading dimension indexes data points, when the log
         joint is the prior plus a sum over those rows with global latents only (zero
@@ -138,6 +142,7 @@ class Model:
         log_joint_terms: Callable | None = None,
         term_sites: Mapping[str, Any] | None = None,
         per_datum: tuple[str, ...] = (),
+        deterministic: Callable | None = None,
     ):
         if not sites:
             raise ModelError(f"model {name!r} has no latent sites; there is nothing to infer.")
@@ -150,6 +155,9 @@ class Model:
         self.pyro_model = pyro_model
         self.observed = dict(observed or {})
         self.per_datum = tuple(per_datum)
+        self._deterministic_fn = deterministic
+        #: How a Pyro program's particles are evaluated (``"plate"`` or ``"loop"``), shared with copies.
+        self._vectorization: dict | None = None
         unknown = [k for k in self.per_datum if k not in self.data]
         if unknown:
             raise ModelError(
@@ -305,6 +313,17 @@ class Model:
             return {}
         return self.pointwise_log_likelihood_fn(dict(latents), self.data)
 
+    def deterministic(self, latents: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Derived quantities ``{name: Tensor[S, *shape]}`` (``pyro.deterministic`` sites); may be empty."""
+        if self._deterministic_fn is None:
+            return {}
+        return self._deterministic_fn(dict(latents), self.data)
+
+    @property
+    def vectorization(self) -> str:
+        """``"plate"`` or ``"loop"`` for Pyro programs (see :meth:`from_pyro`), ``"native"`` otherwise."""
+        return "native" if self._vectorization is None else self._vectorization["mode"]
+
     # -------------------------------------------------------------- front-ends
     @classmethod
     def from_log_density(
@@ -335,7 +354,9 @@ class Model:
         return log_density_model(cls, fn, dim, support, name=name, site=site)
 
     @classmethod
-    def from_pyro(cls, fn: Callable, *args, name: str | None = None, **kwargs) -> Model:
+    def from_pyro(
+        cls, fn: Callable, *args, name: str | None = None, vectorize: str = "auto", **kwargs
+    ) -> Model:
         """A model from any Pyro program.
 
         The program is traced once to find its latent sites (name, shape, support)
@@ -345,15 +366,33 @@ class Model:
         dependencies from Pyro's provenance tracking, which score-function
         estimators use to Rao-Blackwellize per site and per datum. Particles are
         vectorized by running the program under an outer ``pyro.plate`` left of
-        every plate it uses, conditioned on the latent values, so there is no
-        Python loop over particles.
+        every plate and batch dimension it uses, conditioned on the latent values,
+        so there is no Python loop over particles.
+
+        The vectorized evaluation is checked against Pyro's own trace of the
+        program run one particle at a time: when the model is built (on prior
+        draws, at particle counts equal to no size in the program) and the first
+        time each particle count is evaluated (the guide's first draws). A
+        program that fails or differs under the particle plate (``locs[z]``,
+        ``torch.mm``, ``z.size(0)``) is evaluated one particle at a time instead,
+        with a :class:`~vipkg.frontends.pyro.PyroVectorizationWarning` naming the
+        site and the likely pattern; :attr:`vectorization` says which is used.
+        Shapes are validated with Pyro's own check (a log-prob dimension no plate
+        declares, inside a plate, is a :class:`ModelError`). Model-side
+        ``pyro.param`` sites and enumerate annotations get a
+        :class:`~vipkg.frontends.pyro.PyroProgramWarning` (vipkg keeps the former
+        fixed and does not enumerate).
 
         Parameters
         ----------
         fn : callable
             A Pyro model. Observed values come in through ``obs=`` or arguments.
         *args, **kwargs
-            Passed to ``fn`` on every call. Tensor arguments are checked for NaN/inf.
+            Passed to ``fn`` on every call. Tensor arguments are checked for NaN/inf
+            (errors name them as ``fn``'s signature does).
+        vectorize : {"auto", "plate", "loop"}
+            ``"auto"``: the checked particle plate, falling back to a loop;
+            ``"plate"``: the particle plate unchecked; ``"loop"``: one particle at a time.
 
         References
         ----------
@@ -362,4 +401,6 @@ class Model:
         """
         from vipkg.frontends.pyro import pyro_model  # frontends -> model: import here
 
-        return pyro_model(cls, fn, args, kwargs, name=name or getattr(fn, "__name__", "pyro_model"))
+        return pyro_model(
+            cls, fn, args, kwargs, name=name or getattr(fn, "__name__", "pyro_model"), vectorize=vectorize
+        )

@@ -98,8 +98,9 @@ def psislw(log_weights: np.ndarray):
 def to_arviz(result, n: int = 1000, seed: int | None = 0):
     """A :class:`~vipkg.fit.FitResult` as ArviZ data.
 
-    Groups: ``posterior`` (``n`` guide draws as named constrained sites, one chain; for a
-    particle guide the particles themselves, whatever ``n``),
+    Groups: ``posterior`` (``n`` guide draws as named constrained sites, and the model's
+    deterministic quantities at them, one chain; for a particle guide the particles
+    themselves, whatever ``n``),
     ``sample_stats`` (``log_p``, ``log_q``, ``log_weight`` and the normalized Pareto-smoothed
     ``psis_log_weight`` per draw; only ``log_p`` for particles),
     ``log_likelihood`` (when the model has per-datum terms), ``observed_data``
@@ -125,6 +126,7 @@ def to_arviz(result, n: int = 1000, seed: int | None = 0):
             smoothed, _ = psislw(log_w)
             stats["psis_log_weight"] = smoothed[None]
     posterior = {k: _np(v)[None] for k, v in latents.items()}
+    posterior.update({k: _np(v)[None] for k, v in model.deterministic(latents).items()})
     groups = {"posterior": posterior, "sample_stats": stats}
     pointwise = model.pointwise_log_likelihood(latents)
     if pointwise:

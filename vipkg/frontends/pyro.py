@@ -2,27 +2,78 @@
 
 A Pyro program is traced once to learn its sites. Every later call runs it
 conditioned on the latent values under one extra ``pyro.plate`` placed left of
-all the program's own plates, so ``S`` particles cost one vectorized pass.
+all the program's own plates and batch dimensions, so ``S`` particles cost one
+vectorized pass.
+
+That only works for programs written batch-agnostically. Ordinary Pyro code
+often is not (``locs[z]``, ``torch.mm``, ``x.size(0)`` on a latent), and a
+program that is not can fail loudly or, worse, run and return wrong numbers.
+So the vectorized pass is *checked*: when the model is built (on prior draws, at
+particle counts that coincide with no size in the program) and again the first
+time each particle count is evaluated (on the guide's first draws), its log
+density per site is compared with Pyro's own trace of the program run one
+particle at a time. On an exception or a mismatch the model falls back to that
+per-particle evaluation, with one :class:`PyroVectorizationWarning` naming the
+site and the likely pattern.
 """
 
 from __future__ import annotations
+
+import inspect
+import math
+import warnings
 
 import torch
 
 from vipkg.model import ModelError, Site, _check_data
 
-__all__ = ["pyro_model"]
+__all__ = ["pyro_model", "PyroVectorizationWarning", "PyroProgramWarning"]
 
 _PARTICLE_PLATE = "_vipkg_particles"
+# Primes: a particle count equal to some size in the program could hide a
+# program that confuses the particle dimension with that size.
+_CHECK_COUNTS = (3, 7, 5, 11, 13, 17, 19, 23, 29, 31, 37)
+_CHECK_SEED = 20261201
 
 
-def _split_tensor_args(args, kwargs):
-    """Move tensor arguments into a data dict so that ``Model.to`` can move them."""
+class PyroVectorizationWarning(UserWarning):
+    """A Pyro program could not be evaluated for all particles at once; vipkg loops over them."""
+
+
+class PyroProgramWarning(UserWarning):
+    """Part of a Pyro program that vipkg ignores (model-side parameters, enumerate annotations)."""
+
+
+# ------------------------------------------------------------------ arguments
+def _argument_names(fn, args, kwargs) -> list[str]:
+    """The names the function gives its positional arguments (``arg{i}`` where it gives none)."""
+    names = [f"arg{i}" for i in range(len(args))]
+    try:
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return names
+    i = 0
+    for pname, value in bound.arguments.items():
+        param = bound.signature.parameters[pname]
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            if i < len(args):
+                names[i] = pname
+                i += 1
+        elif param.kind == param.VAR_POSITIONAL:
+            for j in range(len(value)):
+                names[i] = f"{pname}[{j}]"
+                i += 1
+    return names
+
+
+def _split_tensor_args(fn, args, kwargs):
+    """Move tensor arguments into a data dict (keyed by argument name) so that ``Model.to`` moves them."""
+    names = _argument_names(fn, args, kwargs)
     data, arg_spec, kw_spec = {}, [], {}
-    for i, a in enumerate(args):
+    for name, a in zip(names, args):
         if isinstance(a, torch.Tensor):
-            data[f"arg{i}"] = a
-            arg_spec.append(("data", f"arg{i}"))
+            data[name] = a
+            arg_spec.append(("data", name))
         else:
             arg_spec.append(("const", a))
     for k, a in kwargs.items():
@@ -39,11 +90,20 @@ def _rebuild(spec, data):
     return data[v] if kind == "data" else v
 
 
+# ---------------------------------------------------------------------- sites
 def _is_sample(site) -> bool:
     from pyro.poutine.subsample_messenger import _Subsample
 
     # pyro.plate records its subsample indices as a pseudo "sample" site.
     return site["type"] == "sample" and not isinstance(site["fn"], _Subsample)
+
+
+def _is_deterministic(site) -> bool:
+    return bool(site["infer"].get("_deterministic", False))
+
+
+def _is_scored(site) -> bool:
+    return _is_sample(site) and not _is_deterministic(site)
 
 
 def _dependencies(fn, args, kwargs, latent_names):
@@ -55,30 +115,151 @@ def _dependencies(fn, args, kwargs, latent_names):
     return {site: set(up) & latent_names for site, up in deps.items()}
 
 
-def pyro_model(cls, fn, args, kwargs, *, name):
-    """What :meth:`vipkg.Model.from_pyro` returns: ``cls`` (``Model`` or a subclass) built from ``fn``."""
+def _changed_sites(name, traced, now) -> ModelError:
+    return ModelError(
+        f"Pyro model {name!r} changed its latent sites between calls: traced {sorted(traced)}, now "
+        f"{sorted(now)}. vipkg needs a fixed set of sites (use pyro.poutine.mask instead of "
+        "data-dependent sample statements)."
+    )
+
+
+def _shape_error(name, exc) -> ModelError:
+    return ModelError(f"Pyro model {name!r}: {exc}")
+
+
+def _site_recorder():
+    from pyro.poutine.messenger import Messenger
+
+    class _SiteRecorder(Messenger):
+        """Remembers the sample site a run was at, to say where an error arose."""
+
+        def __init__(self):
+            super().__init__()
+            self.current = self.last = None
+
+        def _process_message(self, msg):
+            if _is_sample(msg):
+                self.current = msg["name"]
+
+        def _postprocess_message(self, msg):
+            if _is_sample(msg):
+                self.last = msg["name"]
+
+        def where(self) -> str:
+            if self.current is not None and self.current != self.last:
+                return f"at site {self.current!r}"
+            return f"after site {self.last!r}" if self.last else "before its first site"
+
+    return _SiteRecorder()
+
+
+def _sizes_in(trace, data) -> set[int]:
+    sizes = set()
+    for site in trace.nodes.values():
+        v = site.get("value")
+        if isinstance(v, torch.Tensor):
+            sizes.update(v.shape)
+        for frame in site.get("cond_indep_stack", ()):
+            sizes.add(frame.size)
+            if getattr(frame, "full_size", None) is not None:
+                sizes.add(frame.full_size)
+    for v in data.values():
+        sizes.update(v.shape)
+    return sizes
+
+
+_PATTERNS = (
+    (
+        ("index", "indices", "gather"),
+        "indexing a tensor with a latent value (e.g. `locs[z]`); use "
+        "`pyro.ops.indexing.Vindex(locs)[..., z]` or index with `...` so batch dims pass through",
+    ),
+    (
+        ("expand", "the number of sizes provided"),
+        "`.expand(n)` on a latent-dependent tensor; expand to "
+        "`batch_shape + (n,)`, or let a `pyro.plate` broadcast it",
+    ),
+    (
+        ("t() expects", "mm", "matrix", "2D", "2-D", "diag"),
+        "a matrix operation that accepts only 2-D "
+        "tensors (`torch.mm`, `.t()`, `torch.diag`, `nn.Linear` weights as latents); use `@`/`torch.matmul`, "
+        "`.transpose(-1, -2)`, `torch.diag_embed`, which broadcast over leading dims",
+    ),
+    (
+        ("broadcast", "size of tensor", "must match", "shape"),
+        "a tensor op that assumes the latent has its "
+        "traced shape (e.g. `(coefs * data).sum(-1)` outside a plate, `.view(n)`, `.size(0)` on a latent); "
+        "reduce over named trailing dims and use `pyro.plate` for data dimensions",
+    ),
+)
+
+
+def _likely_pattern(message: str) -> str:
+    low = message.lower()
+    for keys, advice in _PATTERNS:
+        if any(k.lower() in low for k in keys):
+            return advice
+    return (
+        "code that treats a latent's leading dimension as its own (e.g. `z.size(0)`, `z.shape[0]`, "
+        "`len(z)`, `z[0]`); index and reduce from the right (`z[..., 0]`, `z.shape[-1]`)"
+    )
+
+
+def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
+    """What :meth:`vipkg.Model.from_pyro` returns: ``cls`` (``Model`` or a subclass) built from ``fn``.
+
+    ``vectorize`` is ``"auto"`` (the checked particle plate, falling back to a loop
+    over particles), ``"plate"`` (the particle plate, unchecked) or ``"loop"``.
+    """
     import pyro
     import pyro.poutine as poutine
+    from pyro.util import check_site_shape
 
-    data, arg_spec, kw_spec = _split_tensor_args(args, kwargs)
+    if vectorize not in ("auto", "plate", "loop"):
+        raise ValueError(f"from_pyro: vectorize must be 'auto', 'plate' or 'loop', got {vectorize!r}.")
+    data, arg_spec, kw_spec = _split_tensor_args(fn, args, kwargs)
     data = _check_data(data)
 
     # Tracing draws from the prior; keep the user's RNG stream untouched.
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         trace = poutine.trace(fn).get_trace(*args, **kwargs)
+        try:
+            trace.compute_log_prob(lambda _, site: _is_scored(site))
+        except ValueError as exc:
+            raise _shape_error(name, exc) from exc
 
     sites: dict[str, Site] = {}
     event_dims: dict[str, int] = {}
     observed: dict[str, torch.Tensor] = {}
+    deterministic: dict[str, torch.Size] = {}
+    params, enumerated = [], []
     nesting = 0
     for site_name, site in trace.nodes.items():
+        if site["type"] == "param":
+            params.append(site_name)
+            continue
         if not _is_sample(site):
             continue
+        if _is_deterministic(site):
+            deterministic[site_name] = torch.Size(site["value"].shape)
+            continue
         dist = site["fn"]
-        nesting = max(nesting, len(dist.batch_shape))
+        in_plate = any(f.vectorized and f.dim is not None for f in site["cond_indep_stack"])
+        if in_plate:
+            # Pyro's own check, at its strictest (as its ELBOs run it on their first trace): a
+            # log-prob dimension that no plate declares, inside a plate, is a shape mistake.
+            try:
+                check_site_shape(site, max_plate_nesting=math.inf)
+            except ValueError as exc:
+                raise _shape_error(name, exc) from exc
+        # The particle dim goes left of every dimension the site's log density has: its
+        # plates, its distribution's batch shape and its observed value's batch shape.
+        nesting = max(nesting, site["log_prob"].dim(), len(dist.batch_shape))
         for frame in site["cond_indep_stack"]:
             if frame.vectorized and frame.dim is not None:
                 nesting = max(nesting, -frame.dim)
+        if site["infer"].get("enumerate") is not None:
+            enumerated.append(site_name)
         if site["is_observed"]:
             observed[site_name] = site["value"]
             continue
@@ -90,92 +271,234 @@ def pyro_model(cls, fn, args, kwargs, *, name):
                     f"{frame.name!r} ({frame.size} of {full}); local latent variables in a "
                     "subsampled plate are not supported. Subsample only plates of observed sites."
                 )
-        shape = torch.Size(site["value"].shape)
-        sites[site_name] = Site(shape, dist.support)
+        sites[site_name] = Site(torch.Size(site["value"].shape), dist.support)
         event_dims[site_name] = len(dist.event_shape)
     if not sites:
         raise ModelError(f"Pyro model {name!r} has no latent sample sites; there is nothing to infer.")
+    if params:
+        warnings.warn(
+            f"Pyro model {name!r} has model-side parameters {params} (pyro.param or PyroModule "
+            "parameters); vipkg fits the guide only and keeps them at their initial values. Make them "
+            "latent sites (pyro.sample with a prior) to infer them.",
+            PyroProgramWarning,
+            stacklevel=4,
+        )
+    if enumerated:
+        warnings.warn(
+            f"Pyro model {name!r}: sites {enumerated} are marked for enumeration "
+            "(infer={'enumerate': ...}); vipkg does not enumerate yet and guides them like any other "
+            "discrete site (a score-function estimator).",
+            PyroProgramWarning,
+            stacklevel=4,
+        )
 
     latent_names = set(sites)
     particle_dim = -(nesting + 1)
+    scored = [n for n, s in trace.nodes.items() if _is_scored(s)]
 
-    def run(latents, data):
+    def call_args(data):
+        return [_rebuild(s, data) for s in arg_spec], {k: _rebuild(s, data) for k, s in kw_spec.items()}
+
+    def check_fresh(tr):
+        # Conditioned latents show up as observed; an unobserved site is one the
+        # first trace did not have, and would silently be drawn from its prior.
+        names = {n for n, s in tr.nodes.items() if _is_sample(s)}
+        fresh = {n for n, s in tr.nodes.items() if _is_scored(s) and not s["is_observed"]}
+        if fresh or not latent_names <= names:
+            raise _changed_sites(name, latent_names, (names & latent_names) | fresh)
+
+    def check_names(latents):
+        if set(latents) != latent_names:
+            raise ModelError(
+                f"Pyro model {name!r} takes values for its latent sites {sorted(latent_names)}; got "
+                f"{sorted(latents)}."
+            )
+
+    def plated_trace(latents, data):
         first = next(iter(latents.values()))
         S = first.shape[0]
         cond = {}
         for k, v in latents.items():
             batch = len(sites[k].shape) - event_dims[k]
             cond[k] = v.reshape((S,) + (1,) * (nesting - batch) + tuple(sites[k].shape))
-        a = [_rebuild(s, data) for s in arg_spec]
-        kw = {k: _rebuild(s, data) for k, s in kw_spec.items()}
+        a, kw = call_args(data)
 
         def plated(*a, **kw):
             with pyro.plate(_PARTICLE_PLATE, S, dim=particle_dim):
                 return fn(*a, **kw)
 
         tr = poutine.trace(poutine.condition(plated, data=cond)).get_trace(*a, **kw)
-        # Conditioned latents show up as observed; an unobserved site is one the
-        # first trace did not have, and would silently be drawn from its prior.
-        names = {n for n, s in tr.nodes.items() if _is_sample(s)}
-        fresh = {n for n, s in tr.nodes.items() if _is_sample(s) and not s["is_observed"]}
-        if fresh or not latent_names <= names:
-            now = sorted((names & latent_names) | fresh)
-            raise ModelError(
-                f"Pyro model {name!r} changed its latent sites between calls: traced "
-                f"{sorted(latent_names)}, now {now}. vipkg needs a fixed set of sites "
-                "(use pyro.poutine.mask instead of data-dependent sample statements)."
-            )
-        tr.compute_log_prob(lambda _, site: _is_sample(site))
+        check_fresh(tr)
+        tr.compute_log_prob(lambda _, site: _is_scored(site))
         return tr, S
 
-    def _reduce(lp, S, site_name):
+    def particle_traces(latents, data, which=None):
+        first = next(iter(latents.values()))
+        S = first.shape[0]
+        a, kw = call_args(data)
+        out = []
+        for i in range(S) if which is None else which:
+            tr = poutine.trace(poutine.condition(fn, data={k: v[i] for k, v in latents.items()})).get_trace(
+                *a, **kw
+            )
+            check_fresh(tr)
+            tr.compute_log_prob(lambda _, site: _is_scored(site))
+            out.append(tr)
+        return out, S
+
+    def _lead(lp, site_name):
+        # ``lp`` from the plated run: move its particle dim first, padding missing dims.
         if lp.dim() > nesting + 1:
             raise ModelError(
                 f"Pyro model {name!r}: site {site_name!r} has log-prob shape {tuple(lp.shape)}, with "
                 f"more batch dimensions than its plates ({nesting}); declare them with pyro.plate "
                 "or .to_event()."
             )
-        lp = lp.reshape((1,) * (nesting + 1 - lp.dim()) + tuple(lp.shape))
-        return lp.reshape(lp.shape[0], -1).sum(-1).expand(S)
+        return lp.reshape((1,) * (nesting + 1 - lp.dim()) + tuple(lp.shape))
+
+    def _local(lp_batched, S):
+        rest = list(lp_batched.shape[1:])
+        # Plates the site is not in show up as leading size-1 dims: drop them so
+        # the term's local shape lines up with the sites that share its plates.
+        while rest and rest[0] == 1:
+            rest.pop(0)
+        return lp_batched.reshape(lp_batched.shape[0], *rest).expand(S, *rest)
+
+    def _stack(traces, get):
+        return torch.stack([get(tr) for tr in traces])
+
+    # The evaluation mode: "plate" or "loop"; checked counts are particle counts verified once.
+    state = {"mode": "loop" if vectorize == "loop" else "plate", "checked": set()}
+
+    def site_sums(latents, data):
+        """``{site: Tensor[S]}``: each scored site's log density summed over its own dims."""
+        if state["mode"] == "plate":
+            tr, S = plated_trace(latents, data)
+            return {
+                n: _lead(s["log_prob"], n).reshape(_lead(s["log_prob"], n).shape[0], -1).sum(-1).expand(S)
+                for n, s in tr.nodes.items()
+                if _is_scored(s)
+            }
+        trs, _ = particle_traces(latents, data)
+        return {n: _stack(trs, lambda tr, n=n: tr.nodes[n]["log_prob"].sum()) for n in scored}
+
+    def verify(latents, data, S):
+        """Compare the plated run with Pyro's per-particle traces: ``(None, None)`` or ``(what, where)``."""
+        latents = {k: v.detach() for k, v in latents.items()}
+        which = sorted({0, S // 2, S - 1})
+        recorder = _site_recorder()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(_CHECK_SEED)
+            try:
+                with recorder:
+                    tr, _ = plated_trace(latents, data)
+                batched = {}
+                for n, s in tr.nodes.items():
+                    if _is_scored(s):
+                        lp = _lead(s["log_prob"], n)
+                        batched[n] = lp.reshape(lp.shape[0], -1).sum(-1).expand(S)
+            except ModelError as exc:
+                if "changed its latent sites" in str(exc):
+                    raise
+                return str(exc), recorder.where()
+            except Exception as exc:  # noqa: BLE001 - any failure of the plated run means: loop instead
+                return f"{type(exc).__name__}: {str(exc).splitlines()[0]}", recorder.where()
+            refs = []
+            for i in which:
+                torch.manual_seed(_CHECK_SEED)
+                trs, _ = particle_traces(latents, data, which=[i])
+                refs.append(trs[0])
+        for n in scored:
+            ref = torch.stack([tr.nodes[n]["log_prob"].sum() for tr in refs])
+            got = batched[n][which]
+            close = torch.isclose(got.to(ref.dtype), ref, rtol=1e-4, atol=1e-4 * max(1.0, _scale(ref)))
+            if not bool(close.all()):
+                j = int((~close).nonzero()[0])
+                return (
+                    f"the vectorized log density of particle {which[j]} of {S} is {float(got[j]):.6g}, "
+                    f"Pyro's trace of that particle alone gives {float(ref[j]):.6g}"
+                ), f"at site {n!r}"
+        return None, None
+
+    def fall_back(what, where, S):
+        state["mode"] = "loop"
+        warnings.warn(
+            f"Pyro model {name!r} cannot be evaluated for {S} particles at once under vipkg's particle "
+            f"plate (pyro.plate({_PARTICLE_PLATE!r}, {S}, dim={particle_dim}), left of the program's own "
+            f"dims): {what} ({where}). vipkg evaluates it one particle at a time instead, which is "
+            f"correct but slower. Likely cause: {_likely_pattern(what)}.",
+            PyroVectorizationWarning,
+            stacklevel=5,
+        )
+
+    def ensure_checked(latents, data):
+        check_names(latents)
+        if state["mode"] != "plate" or vectorize != "auto":
+            return
+        S = next(iter(latents.values())).shape[0]
+        if S in state["checked"] or torch.compiler.is_compiling():
+            return
+        state["checked"].add(S)
+        what, where = verify(latents, data, S)
+        if what is not None:
+            fall_back(what, where, S)
 
     def log_joint(latents, data):
-        tr, S = run(latents, data)
+        ensure_checked(latents, data)
         total = 0.0
-        for site_name, site in tr.nodes.items():
-            if _is_sample(site):
-                total = total + _reduce(site["log_prob"], S, site_name)
+        for lp in site_sums(latents, data).values():
+            total = total + lp
         return total
 
     def pointwise(latents, data):
-        tr, S = run(latents, data)
-        out = {}
-        for site_name, site in tr.nodes.items():
-            if site_name in observed:
-                lp = site["unscaled_log_prob"]
-                lp = lp.reshape((1,) * (nesting + 1 - lp.dim()) + tuple(lp.shape))
-                out[site_name] = lp.reshape(lp.shape[0], -1).expand(S, -1)
-        return out
+        ensure_checked(latents, data)
+        if state["mode"] == "plate":
+            tr, S = plated_trace(latents, data)
+            out = {}
+            for n in observed:
+                lp = _lead(tr.nodes[n]["unscaled_log_prob"], n)
+                out[n] = lp.reshape(lp.shape[0], -1).expand(S, -1)
+            return out
+        trs, _ = particle_traces(latents, data)
+        return {
+            n: _stack(trs, lambda tr, n=n: tr.nodes[n]["unscaled_log_prob"].reshape(-1)) for n in observed
+        }
 
     def terms(latents, data):
-        tr, S = run(latents, data)
+        ensure_checked(latents, data)
+        if state["mode"] == "plate":
+            tr, S = plated_trace(latents, data)
+            return {n: _local(_lead(s["log_prob"], n), S) for n, s in tr.nodes.items() if _is_scored(s)}
+        trs, S = particle_traces(latents, data)
         out = {}
-        for site_name, site in tr.nodes.items():
-            if _is_sample(site):
-                lp = site["log_prob"]
-                lp = lp.reshape((1,) * (nesting + 1 - lp.dim()) + tuple(lp.shape))
-                rest = list(lp.shape[1:])
-                # Plates the site is not in show up as leading size-1 dims: drop them so
-                # the term's local shape lines up with the sites that share its plates.
-                while rest and rest[0] == 1:
-                    rest.pop(0)
-                out[site_name] = lp.reshape(lp.shape[0], *rest).expand(S, *rest)
+        for n in scored:
+            lp = _stack(trs, lambda tr, n=n: tr.nodes[n]["log_prob"])
+            out[n] = _local(lp, S)
         return out
+
+    def deterministic_values(latents, data):
+        ensure_checked(latents, data)
+        if state["mode"] == "plate":
+            tr, S = plated_trace(latents, data)
+            out = {}
+            for n, shape in deterministic.items():
+                v = tr.nodes[n]["value"]
+                lead = v.numel() // max(math.prod(shape), 1)
+                out[n] = v.reshape(lead, *shape).expand(S, *shape) if lead in (1, S) else None
+            if all(v is not None for v in out.values()):
+                return out
+        trs, _ = particle_traces(latents, data)
+        return {
+            n: _stack(trs, lambda tr, n=n, shape=shape: tr.nodes[n]["value"].reshape(shape))
+            for n, shape in deterministic.items()
+        }
 
     term_sites = None
     if any(s.is_discrete for s in sites.values()):
         # Only programs with discrete sites pay for the dependency trace: they are the
         # ones score-function estimators must Rao-Blackwellize to be usable.
         term_sites = _dependencies(fn, args, kwargs, latent_names)
+        term_sites = {n: term_sites.get(n, latent_names) for n in scored}
 
     model = cls(
         sites,
@@ -187,5 +510,32 @@ def pyro_model(cls, fn, args, kwargs, *, name):
         pointwise_log_likelihood=pointwise,
         pyro_model=(fn, args, kwargs),
         observed={k: v.detach() for k, v in observed.items()},
+        deterministic=deterministic_values if deterministic else None,
     )
+    model._vectorization = state
+
+    if vectorize == "auto":
+        # Check now, on prior draws at two particle counts that match no size in the program.
+        sizes = _sizes_in(trace, data)
+        counts = [c for c in _CHECK_COUNTS if c not in sizes][:2] or [1]
+        for S in counts:
+            if state["mode"] != "plate":
+                break
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(_CHECK_SEED + S)
+                draws = [poutine.trace(fn).get_trace(*args, **kwargs) for _ in range(S)]
+            for d in draws:
+                drawn = {n for n, s in d.nodes.items() if _is_scored(s) and not s["is_observed"]}
+                if drawn != latent_names:
+                    raise _changed_sites(name, latent_names, drawn)
+            latents = {k: torch.stack([d.nodes[k]["value"] for d in draws]) for k in sites}
+            state["checked"].add(S)
+            what, where = verify(latents, model.data, S)
+            if what is not None:
+                fall_back(what, where, S)
     return model
+
+
+def _scale(ref: torch.Tensor) -> float:
+    finite = ref[torch.isfinite(ref)]
+    return float(finite.abs().max()) if finite.numel() else 1.0
