@@ -46,16 +46,38 @@ def _draws(fn, S, *args, seed=0):
     return {n: torch.stack([t.nodes[n]["value"] for t in traces]) for n in names}
 
 
-def test_particle_dim_misuse_falls_back_to_a_loop_with_a_warning():
-    with pytest.warns(PyroVectorizationWarning, match="one particle at a time") as record:
+def test_particle_dim_misuse_falls_back_with_one_warning():
+    with pytest.warns(PyroVectorizationWarning, match="torch.func.vmap") as record:
         model = vipkg.Model.from_pyro(_non_enumerated_plate)
     assert len([w for w in record if w.category is PyroVectorizationWarning]) == 1
     message = str(next(w.message for w in record if w.category is PyroVectorizationWarning))
     assert "_non_enumerated_plate" in message and "site" in message and "Likely cause" in message
-    assert model.vectorization == "loop"
-    # S = 3 equals the plate size, where the plated run is silently wrong: the loop is not.
+    assert model.vectorization == "vmap"
+    # S = 3 equals the plate size, where the plated run is silently wrong: vmap and the loop are not.
+    loop = vipkg.Model.from_pyro(_non_enumerated_plate, vectorize="loop")
     for S in (1, 3, 4):
-        _assert_matches_pyro(model, _non_enumerated_plate, _draws(_non_enumerated_plate, S, seed=S))
+        draws = _draws(_non_enumerated_plate, S, seed=S)
+        _assert_matches_pyro(model, _non_enumerated_plate, draws)
+        _assert_matches_pyro(loop, _non_enumerated_plate, draws)
+    unchecked = vipkg.Model.from_pyro(_non_enumerated_plate, vectorize="plate")
+    with pytest.raises(AssertionError):
+        _assert_matches_pyro(unchecked, _non_enumerated_plate, _draws(_non_enumerated_plate, 3, seed=3))
+
+
+def test_programs_that_vmap_cannot_run_fall_back_to_a_loop():
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        scale = 2.0 if mu.item() > 5.0 else 1.0  # a host read: neither the plate nor vmap can run it
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, scale), obs=y)
+
+    y = torch.randn(8)
+    with pytest.warns(PyroVectorizationWarning, match="one particle at a time"):
+        m = vipkg.Model.from_pyro(model, y)
+    assert m.vectorization == "loop"
+    _assert_matches_pyro(m, model, {"mu": torch.randn(5)}, y)
+    result = vipkg.fit(m, MeanFieldNormal(m), vipkg.Reparam(), steps=30, num_particles=4, progress=False)
+    assert torch.isfinite(result.losses).all()
 
 
 def test_silently_wrong_plated_run_is_caught_on_the_first_draws():
@@ -74,7 +96,7 @@ def test_silently_wrong_plated_run_is_caught_on_the_first_draws():
     assert m.vectorization == "plate"
     with pytest.warns(PyroVectorizationWarning, match="particle 0 of 16"):
         vipkg.fit(m, MeanFieldNormal(m), vipkg.Reparam(), steps=3, num_particles=16, progress=False)
-    assert m.vectorization == "loop"
+    assert m.vectorization == "vmap"
     _assert_matches_pyro(m, model, {"mu": torch.randn(16)}, y)
 
 
@@ -151,7 +173,7 @@ def test_data_errors_name_the_argument():
         vipkg.Model.from_pyro(model, torch.ones(2), scale=bad)
 
 
-@pytest.mark.parametrize("vectorize", ["auto", "loop"])
+@pytest.mark.parametrize("vectorize", ["auto", "vmap", "loop"])
 def test_deterministic_sites_are_exported(vectorize):
     def model(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
@@ -188,4 +210,4 @@ def test_model_side_params_and_enumerate_annotations_warn():
 
 def test_vectorize_argument_is_checked():
     with pytest.raises(ValueError, match="vectorize must be"):
-        vipkg.Model.from_pyro(lambda: pyro.sample("a", dist.Normal(0.0, 1.0)), vectorize="vmap")
+        vipkg.Model.from_pyro(lambda: pyro.sample("a", dist.Normal(0.0, 1.0)), vectorize="jit")

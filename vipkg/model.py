@@ -321,7 +321,8 @@ class Model:
 
     @property
     def vectorization(self) -> str:
-        """``"plate"`` or ``"loop"`` for Pyro programs (see :meth:`from_pyro`), ``"native"`` otherwise."""
+        """How particles are evaluated: ``"plate"``, ``"vmap"`` or ``"loop"`` (Pyro programs, see
+        :meth:`from_pyro`), ``"native"`` (every other model)."""
         return "native" if self._vectorization is None else self._vectorization["mode"]
 
     # -------------------------------------------------------------- front-ends
@@ -374,8 +375,9 @@ class Model:
         draws, at particle counts equal to no size in the program) and the first
         time each particle count is evaluated (the guide's first draws). A
         program that fails or differs under the particle plate (``locs[z]``,
-        ``torch.mm``, ``z.size(0)``) is evaluated one particle at a time instead,
-        with a :class:`~vipkg.frontends.pyro.PyroVectorizationWarning` naming the
+        ``torch.mm``, ``z.size(0)``) is evaluated with ``torch.func.vmap`` over
+        particles where that is right, otherwise one particle at a time, with a
+        :class:`~vipkg.frontends.pyro.PyroVectorizationWarning` naming the
         site and the likely pattern; :attr:`vectorization` says which is used.
         Shapes are validated with Pyro's own check (a log-prob dimension no plate
         declares, inside a plate, is a :class:`ModelError`). Model-side
@@ -390,9 +392,10 @@ class Model:
         *args, **kwargs
             Passed to ``fn`` on every call. Tensor arguments are checked for NaN/inf
             (errors name them as ``fn``'s signature does).
-        vectorize : {"auto", "plate", "loop"}
-            ``"auto"``: the checked particle plate, falling back to a loop;
-            ``"plate"``: the particle plate unchecked; ``"loop"``: one particle at a time.
+        vectorize : {"auto", "plate", "vmap", "loop"}
+            ``"auto"``: the checked particle plate, falling back to ``vmap`` and then
+            to a loop; ``"plate"``: the particle plate unchecked; ``"vmap"``:
+            ``torch.func.vmap`` over particles; ``"loop"``: one particle at a time.
 
         References
         ----------

@@ -208,15 +208,18 @@ def _likely_pattern(message: str) -> str:
 def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
     """What :meth:`vipkg.Model.from_pyro` returns: ``cls`` (``Model`` or a subclass) built from ``fn``.
 
-    ``vectorize`` is ``"auto"`` (the checked particle plate, falling back to a loop
-    over particles), ``"plate"`` (the particle plate, unchecked) or ``"loop"``.
+    ``vectorize`` is ``"auto"`` (the checked particle plate, falling back to
+    ``torch.func.vmap`` over particles and then to a loop), ``"plate"`` (the
+    particle plate, unchecked), ``"vmap"`` or ``"loop"``.
     """
     import pyro
     import pyro.poutine as poutine
     from pyro.util import check_site_shape
 
-    if vectorize not in ("auto", "plate", "loop"):
-        raise ValueError(f"from_pyro: vectorize must be 'auto', 'plate' or 'loop', got {vectorize!r}.")
+    if vectorize not in ("auto", "plate", "vmap", "loop"):
+        raise ValueError(
+            f"from_pyro: vectorize must be 'auto', 'plate', 'vmap' or 'loop', got {vectorize!r}."
+        )
     data, arg_spec, kw_spec = _split_tensor_args(fn, args, kwargs)
     data = _check_data(data)
 
@@ -332,19 +335,38 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
         tr.compute_log_prob(lambda _, site: _is_scored(site))
         return tr, S
 
-    def particle_traces(latents, data, which=None):
-        first = next(iter(latents.values()))
-        S = first.shape[0]
+    def one_particle(values, data):
+        """Pyro's own trace of the program at one particle's values: what every output needs."""
         a, kw = call_args(data)
-        out = []
-        for i in range(S) if which is None else which:
-            tr = poutine.trace(poutine.condition(fn, data={k: v[i] for k, v in latents.items()})).get_trace(
-                *a, **kw
-            )
-            check_fresh(tr)
-            tr.compute_log_prob(lambda _, site: _is_scored(site))
-            out.append(tr)
-        return out, S
+        tr = poutine.trace(poutine.condition(fn, data=values)).get_trace(*a, **kw)
+        check_fresh(tr)
+        tr.compute_log_prob(lambda _, site: _is_scored(site))
+        return {
+            "lp": {n: tr.nodes[n]["log_prob"] for n in scored},
+            "ulp": {n: tr.nodes[n]["unscaled_log_prob"].reshape(-1) for n in observed},
+            "det": {n: tr.nodes[n]["value"].reshape(shape) for n, shape in deterministic.items()},
+        }
+
+    def particle_loop(latents, data, which=None):
+        S = next(iter(latents.values())).shape[0]
+        outs = [one_particle({k: v[i] for k, v in latents.items()}, data) for i in (which or range(S))]
+        return {g: {n: torch.stack([o[g][n] for o in outs]) for n in outs[0][g]} for g in outs[0]}
+
+    def particle_vmap(latents, data):
+        from torch.distributions import Distribution
+
+        # Argument and support validation branch on tensor values, which vmap cannot do;
+        # the values it would check are the guide's, in the support by construction.
+        default = Distribution._validate_args
+        Distribution.set_default_validate_args(False)
+        try:
+            with pyro.validation_enabled(False):
+                return torch.func.vmap(lambda v: one_particle(v, data), randomness="same")(latents)
+        finally:
+            Distribution.set_default_validate_args(default)
+
+    def per_particle(latents, data):
+        return particle_vmap(latents, data) if state["mode"] == "vmap" else particle_loop(latents, data)
 
     def _lead(lp, site_name):
         # ``lp`` from the plated run: move its particle dim first, padding missing dims.
@@ -364,11 +386,8 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
             rest.pop(0)
         return lp_batched.reshape(lp_batched.shape[0], *rest).expand(S, *rest)
 
-    def _stack(traces, get):
-        return torch.stack([get(tr) for tr in traces])
-
     # The evaluation mode: "plate" or "loop"; checked counts are particle counts verified once.
-    state = {"mode": "loop" if vectorize == "loop" else "plate", "checked": set()}
+    state = {"mode": "plate" if vectorize == "auto" else vectorize, "checked": set()}
 
     def site_sums(latents, data):
         """``{site: Tensor[S]}``: each scored site's log density summed over its own dims."""
@@ -379,11 +398,23 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
                 for n, s in tr.nodes.items()
                 if _is_scored(s)
             }
-        trs, _ = particle_traces(latents, data)
-        return {n: _stack(trs, lambda tr, n=n: tr.nodes[n]["log_prob"].sum()) for n in scored}
+        lp = per_particle(latents, data)["lp"]
+        return {n: v.reshape(v.shape[0], -1).sum(-1) for n, v in lp.items()}
 
-    def verify(latents, data, S):
-        """Compare the plated run with Pyro's per-particle traces: ``(None, None)`` or ``(what, where)``."""
+    def batched_sums(latents, data, mode):
+        if mode == "vmap":
+            lp = particle_vmap(latents, data)["lp"]
+            return {n: v.reshape(v.shape[0], -1).sum(-1) for n, v in lp.items()}
+        tr, S = plated_trace(latents, data)
+        out = {}
+        for n, s in tr.nodes.items():
+            if _is_scored(s):
+                lp = _lead(s["log_prob"], n)
+                out[n] = lp.reshape(lp.shape[0], -1).sum(-1).expand(S)
+        return out
+
+    def verify(latents, data, S, mode):
+        """A batched evaluation against Pyro's per-particle traces: ``(None, None)`` or ``(what, where)``."""
         latents = {k: v.detach() for k, v in latents.items()}
         which = sorted({0, S // 2, S - 1})
         recorder = _site_recorder()
@@ -391,57 +422,63 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
             torch.manual_seed(_CHECK_SEED)
             try:
                 with recorder:
-                    tr, _ = plated_trace(latents, data)
-                batched = {}
-                for n, s in tr.nodes.items():
-                    if _is_scored(s):
-                        lp = _lead(s["log_prob"], n)
-                        batched[n] = lp.reshape(lp.shape[0], -1).sum(-1).expand(S)
+                    batched = batched_sums(latents, data, mode)
             except ModelError as exc:
                 if "changed its latent sites" in str(exc):
                     raise
                 return str(exc), recorder.where()
-            except Exception as exc:  # noqa: BLE001 - any failure of the plated run means: loop instead
+            except Exception as exc:  # noqa: BLE001 - any failure of the batched run means: fall back
                 return f"{type(exc).__name__}: {str(exc).splitlines()[0]}", recorder.where()
             refs = []
             for i in which:
                 torch.manual_seed(_CHECK_SEED)
-                trs, _ = particle_traces(latents, data, which=[i])
-                refs.append(trs[0])
+                refs.append(particle_loop(latents, data, which=[i])["lp"])
         for n in scored:
-            ref = torch.stack([tr.nodes[n]["log_prob"].sum() for tr in refs])
+            ref = torch.stack([r[n].sum() for r in refs])
             got = batched[n][which]
             close = torch.isclose(got.to(ref.dtype), ref, rtol=1e-4, atol=1e-4 * max(1.0, _scale(ref)))
             if not bool(close.all()):
                 j = int((~close).nonzero()[0])
                 return (
-                    f"the vectorized log density of particle {which[j]} of {S} is {float(got[j]):.6g}, "
+                    f"the batched log density of particle {which[j]} of {S} is {float(got[j]):.6g}, "
                     f"Pyro's trace of that particle alone gives {float(ref[j]):.6g}"
                 ), f"at site {n!r}"
         return None, None
 
-    def fall_back(what, where, S):
+    def check(latents, data, S):
+        """Verify the current mode at ``S`` particles; on failure move down plate -> vmap -> loop, once."""
+        state["checked"].add(S)
+        what, where = verify(latents, data, S, state["mode"])
+        if what is None:
+            return
+        failed = state["mode"]
         state["mode"] = "loop"
-        warnings.warn(
-            f"Pyro model {name!r} cannot be evaluated for {S} particles at once under vipkg's particle "
-            f"plate (pyro.plate({_PARTICLE_PLATE!r}, {S}, dim={particle_dim}), left of the program's own "
-            f"dims): {what} ({where}). vipkg evaluates it one particle at a time instead, which is "
-            f"correct but slower. Likely cause: {_likely_pattern(what)}.",
-            PyroVectorizationWarning,
-            stacklevel=5,
+        if failed == "plate" and verify(latents, data, S, "vmap") == (None, None):
+            state["mode"] = "vmap"
+        how = (
+            "with torch.func.vmap over particles (distribution argument validation off there)"
+            if state["mode"] == "vmap"
+            else "one particle at a time, which is correct but slow"
         )
+        if failed == "plate":
+            what = (
+                f"cannot be evaluated for {S} particles at once under vipkg's particle plate "
+                f"(pyro.plate({_PARTICLE_PLATE!r}, {S}, dim={particle_dim}), left of the program's own "
+                f"dims): {what} ({where}). vipkg evaluates it {how} instead. Likely cause: "
+                f"{_likely_pattern(what)}; written that way the program runs vectorized"
+            )
+        else:
+            what = f"cannot be evaluated with torch.func.vmap at {S} particles: {what} ({where}); vipkg loops"
+        warnings.warn(f"Pyro model {name!r} {what}.", PyroVectorizationWarning, stacklevel=5)
 
     def ensure_checked(latents, data):
         check_names(latents)
-        if state["mode"] != "plate" or vectorize != "auto":
+        if state["mode"] == "loop" or vectorize != "auto":
             return
         S = next(iter(latents.values())).shape[0]
         if S in state["checked"] or torch.compiler.is_compiling():
             return
-        state["checked"].add(S)
-        what, where = verify(latents, data, S)
-        if what is not None:
-            fall_back(what, where, S)
+        check(latents, data, S)
 
     def log_joint(latents, data):
         ensure_checked(latents, data)
@@ -459,22 +496,15 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
                 lp = _lead(tr.nodes[n]["unscaled_log_prob"], n)
                 out[n] = lp.reshape(lp.shape[0], -1).expand(S, -1)
             return out
-        trs, _ = particle_traces(latents, data)
-        return {
-            n: _stack(trs, lambda tr, n=n: tr.nodes[n]["unscaled_log_prob"].reshape(-1)) for n in observed
-        }
+        return per_particle(latents, data)["ulp"]
 
     def terms(latents, data):
         ensure_checked(latents, data)
         if state["mode"] == "plate":
             tr, S = plated_trace(latents, data)
             return {n: _local(_lead(s["log_prob"], n), S) for n, s in tr.nodes.items() if _is_scored(s)}
-        trs, S = particle_traces(latents, data)
-        out = {}
-        for n in scored:
-            lp = _stack(trs, lambda tr, n=n: tr.nodes[n]["log_prob"])
-            out[n] = _local(lp, S)
-        return out
+        S = next(iter(latents.values())).shape[0]
+        return {n: _local(lp, S) for n, lp in per_particle(latents, data)["lp"].items()}
 
     def deterministic_values(latents, data):
         ensure_checked(latents, data)
@@ -487,11 +517,7 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
                 out[n] = v.reshape(lead, *shape).expand(S, *shape) if lead in (1, S) else None
             if all(v is not None for v in out.values()):
                 return out
-        trs, _ = particle_traces(latents, data)
-        return {
-            n: _stack(trs, lambda tr, n=n, shape=shape: tr.nodes[n]["value"].reshape(shape))
-            for n, shape in deterministic.items()
-        }
+        return per_particle(latents, data)["det"]
 
     term_sites = None
     if any(s.is_discrete for s in sites.values()):
@@ -519,7 +545,7 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
         sizes = _sizes_in(trace, data)
         counts = [c for c in _CHECK_COUNTS if c not in sizes][:2] or [1]
         for S in counts:
-            if state["mode"] != "plate":
+            if state["mode"] == "loop":
                 break
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 torch.manual_seed(_CHECK_SEED + S)
@@ -529,10 +555,7 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
                 if drawn != latent_names:
                     raise _changed_sites(name, latent_names, drawn)
             latents = {k: torch.stack([d.nodes[k]["value"] for d in draws]) for k in sites}
-            state["checked"].add(S)
-            what, where = verify(latents, model.data, S)
-            if what is not None:
-                fall_back(what, where, S)
+            check(latents, model.data, S)
     return model
 
 
