@@ -211,3 +211,22 @@ def test_model_side_params_and_enumerate_annotations_warn():
 def test_vectorize_argument_is_checked():
     with pytest.raises(ValueError, match="vectorize must be"):
         vipkg.Model.from_pyro(lambda: pyro.sample("a", dist.Normal(0.0, 1.0)), vectorize="jit")
+
+
+def test_the_programs_own_errors_are_not_taken_for_batching_errors():
+    # Float64 latents into a float32 program: it fails one particle at a time too, so the
+    # error is the program's, raised as it is, not a vectorization warning.
+    locs = torch.tensor([0.0, 1.0, 2.0])
+
+    def model(y):
+        z = pyro.sample("z", dist.OneHotCategorical(torch.ones(3) / 3))
+        pyro.sample("y", dist.Normal(z @ locs, 1.0), obs=y)
+
+    m = vipkg.Model.from_pyro(model, torch.tensor(1.0))
+    assert m.vectorization == "plate"
+    z = torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="dtype"):
+            m.log_joint({"z": z})
+    assert m.vectorization == "plate"

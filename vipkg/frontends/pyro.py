@@ -428,6 +428,10 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
                     raise
                 return str(exc), recorder.where()
             except Exception as exc:  # noqa: BLE001 - any failure of the batched run means: fall back
+                # ... unless the program fails one particle at a time too: then the error is the
+                # program's own (a dtype mix, a bad value), not the batching's, and it is the user's.
+                torch.manual_seed(_CHECK_SEED)
+                particle_loop(latents, data, which=which[:1])
                 return f"{type(exc).__name__}: {str(exc).splitlines()[0]}", recorder.where()
             refs = []
             for i in which:
@@ -436,7 +440,9 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
         for n in scored:
             ref = torch.stack([r[n].sum() for r in refs])
             got = batched[n][which]
-            close = torch.isclose(got.to(ref.dtype), ref, rtol=1e-4, atol=1e-4 * max(1.0, _scale(ref)))
+            close = torch.isclose(
+                got.to(ref.dtype), ref, rtol=1e-4, atol=1e-4 * max(1.0, _scale(ref)), equal_nan=True
+            )
             if not bool(close.all()):
                 j = int((~close).nonzero()[0])
                 return (
@@ -458,7 +464,7 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
         how = (
             "with torch.func.vmap over particles (distribution argument validation off there)"
             if state["mode"] == "vmap"
-            else "one particle at a time, which is correct but slow"
+            else "one particle at a time (correct, but slow)"
         )
         if failed == "plate":
             what = (
