@@ -101,6 +101,21 @@ class FitResult:
         return to_arviz(self, n, seed=seed)
 
 
+def _check_trains_model(estimator, model) -> None:
+    from vipkg.estimators.base import IncompatibleEstimatorError
+
+    # Part estimators backpropagate one surrogate through the model's log joint, which gives
+    # the model's parameters their gradient; update estimators own a step for the guide only.
+    if not getattr(estimator, "trains_model_params", getattr(estimator, "composable", False)):
+        names = [k for k, _ in model.named_parameters()]
+        raise IncompatibleEstimatorError(
+            f"model {model.name!r} has parameters of its own {names}, and {estimator!r} does not "
+            "estimate their gradient (it updates the guide only). Use an estimator that learns the "
+            "model with the guide (Reparam, STL, ScoreFunction, RSVI, GumbelSoftmax, PerSite, or IWAE "
+            "with Reparam), or make the parameters latent sites."
+        )
+
+
 def _make_optimizer(optimizer, params, lr):
     if isinstance(optimizer, str):
         try:
@@ -173,6 +188,7 @@ def fit(
     num_particles: int = 16,
     optimizer="adam",
     lr: float = 1e-2,
+    model_lr: float | None = None,
     scheduler=None,
     seed: int = 0,
     device=None,
@@ -191,6 +207,9 @@ def fit(
     Parameters
     ----------
     model : vipkg.Model
+        Its own parameters, if it has any (``pyro.param`` / ``PyroModule`` parameters,
+        ``Model.from_log_density(..., params=module)``), are trained in place with the
+        guide: variational EM, maximizing the bound over both.
     guide : vipkg.guides.Guide
         Trained in place (and moved to ``device``).
     estimator : vipkg.estimators.Estimator
@@ -203,6 +222,8 @@ def fit(
         ``"adam"``, ``"adamw"``, ``"sgd"``, ``"adagrad"``, ``"rmsprop"``, a class
         (called with ``lr``) or ``params -> Optimizer``.
     lr : float
+    model_lr : float, optional
+        Learning rate of the model's own parameters (default ``lr``).
     scheduler : callable, optional
         ``optimizer -> torch.optim.lr_scheduler.LRScheduler``, stepped once per step
         (e.g. ``lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.999)``).
@@ -264,7 +285,21 @@ def fit(
     model = model.to(device=device, dtype=guide.dtype)
     estimator.check(model, guide, objective)
     estimator.check_particles(num_particles)
-    opt = _make_optimizer(optimizer, list(guide.parameters()), lr)
+    params = list(guide.parameters())
+    if model.has_parameters:
+        _check_trains_model(estimator, model)
+        # Variational EM: the model's parameters take the same gradient step as the guide's,
+        # in a parameter group of their own so that their learning rate can differ.
+        params = [
+            {"params": params},
+            {"params": model.parameters(), "lr": lr if model_lr is None else model_lr},
+        ]
+    elif model_lr is not None:
+        raise ValueError(
+            f"fit: model_lr={model_lr!r} is given, but model {model.name!r} has no parameters of its own "
+            "(pyro.param / PyroModule parameters, or Model.from_log_density(..., params=module))."
+        )
+    opt = _make_optimizer(optimizer, params, lr)
     state = FitState(
         model=model,
         guide=guide,
@@ -360,7 +395,9 @@ class FitState:
     params: tuple = ()
 
     def __post_init__(self):
-        self.names, self.params = zip(*self.guide.named_parameters())
+        named = list(self.guide.named_parameters())
+        named += [(f"model.{k}", p) for k, p in self.model.named_parameters()]
+        self.names, self.params = zip(*named)
 
     @property
     def device(self) -> torch.device:
@@ -517,6 +554,7 @@ class Checkpoint(Hook):
                 f"pass steps >= {step} to continue it."
             )
         state.guide.load_state_dict(saved["guide"])
+        _load_model_params(state.model, saved.get("model_params", {}), self.path)
         try:
             state.optimizer.load_state_dict(saved["optimizer"])
         except ValueError as err:
@@ -552,6 +590,7 @@ class Checkpoint(Hook):
                 **self.identity(state),
                 "step": state.step,
                 "guide": state.guide.state_dict(),
+                "model_params": {k: p.detach().clone() for k, p in state.model.named_parameters()},
                 "optimizer": state.optimizer.state_dict(),
                 "scheduler": None if state.scheduler is None else state.scheduler.state_dict(),
                 "estimator_state": state.estimator.state_dict(),
@@ -562,6 +601,25 @@ class Checkpoint(Hook):
                 "diagnostics": ckpt.diagnostics_to_state(state.diagnostics),
             },
         )
+
+
+def _load_model_params(model, saved: dict, path) -> None:
+    from vipkg import checkpoint as ckpt
+
+    own = dict(model.named_parameters())
+    if set(saved) != set(own):
+        raise ckpt.CheckpointError(
+            f"checkpoint {str(path)!r} holds model parameters {sorted(saved)}, this model has "
+            f"{sorted(own)}; it was written for another model."
+        )
+    with torch.no_grad():
+        for k, p in own.items():
+            if saved[k].shape != p.shape:
+                raise ckpt.CheckpointError(
+                    f"checkpoint {str(path)!r}: model parameter {k!r} has shape {tuple(saved[k].shape)}, "
+                    f"this model's has {tuple(p.shape)}."
+                )
+            p.copy_(saved[k])
 
 
 class ProgressBar(Hook):
@@ -618,7 +676,12 @@ def _make_step(state: FitState, nan_policy: str, compile: bool):
         state.optimizer,
     )
 
+    own = model.parameters()
+
     def step_fn():
+        for p in own:
+            # An estimate replaces the guide's .grad; the model's would accumulate.
+            p.grad = None
         return est.step(model, guide, obj, S, opt).loss
 
     if nan_policy == "skip":

@@ -108,6 +108,13 @@ class Model:
         ``fn(latents, data) -> dict[name, Tensor[S, *shape]]``: quantities computed
         from the latents that are worth reporting with them (Pyro's
         ``pyro.deterministic`` sites); exported with the posterior.
+    params : mapping of str to Tensor, or nn.Module, optional
+        The model's own parameters (leaf tensors that ``log_joint_fn`` reads, e.g. a
+        decoder's weights): :func:`vipkg.fit` trains them with the guide's
+        (variational EM). An ``nn.Module`` stands for its ``named_parameters()``.
+    param_transforms : mapping of str to Transform, optional
+        For parameters stored unconstrained, the map to their constrained value
+        (:meth:`param_values` applies it; Pyro's ``pyro.param(..., constraint=)``).
     per_datum : tuple of str, optional
         Entries of ``data`` whose leading dimension indexes data points, when the log
         joint is the prior plus a sum over those rows with global latents only (zero
@@ -143,6 +150,8 @@ class Model:
         term_sites: Mapping[str, Any] | None = None,
         per_datum: tuple[str, ...] = (),
         deterministic: Callable | None = None,
+        params: Mapping[str, torch.Tensor] | torch.nn.Module | None = None,
+        param_transforms: Mapping[str, Transform] | None = None,
     ):
         if not sites:
             raise ModelError(f"model {name!r} has no latent sites; there is nothing to infer.")
@@ -156,6 +165,16 @@ class Model:
         self.observed = dict(observed or {})
         self.per_datum = tuple(per_datum)
         self._deterministic_fn = deterministic
+        if isinstance(params, torch.nn.Module):
+            params = dict(params.named_parameters())
+        self._params: dict[str, torch.Tensor] = dict(params or {})
+        for k, p in self._params.items():
+            if not isinstance(p, torch.Tensor) or not p.is_leaf or not p.is_floating_point():
+                raise ModelError(
+                    f"model {name!r}: parameter {k!r} must be a floating-point leaf tensor (an "
+                    f"nn.Parameter), got {type(p).__name__}."
+                )
+        self._param_transforms = dict(param_transforms or {})
         #: How a Pyro program's particles are evaluated (``"plate"`` or ``"loop"``), shared with copies.
         self._vectorization: dict | None = None
         unknown = [k for k in self.per_datum if k not in self.data]
@@ -217,8 +236,37 @@ class Model:
                 "continuous. Use a guide over named sites with a score-function estimator."
             )
 
+    # -------------------------------------------------------------- parameters
+    @property
+    def has_parameters(self) -> bool:
+        """Whether the model has parameters of its own for :func:`vipkg.fit` to learn."""
+        return bool(self._params)
+
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """The model's own trainable tensors (unconstrained where they have a constraint)."""
+        return list(self._params.items())
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self._params.values())
+
+    def param_values(self) -> dict[str, torch.Tensor]:
+        """The model's parameters at their current values, constrained (detached)."""
+        out = {}
+        for k, p in self._params.items():
+            t = self._param_transforms.get(k)
+            out[k] = (p if t is None else t(p)).detach()
+        return out
+
     def to(self, device=None, dtype=None) -> Model:
-        """A copy of the model with floating data on ``device`` / ``dtype``."""
+        """A copy of the model with floating data on ``device`` / ``dtype``.
+
+        The model's parameters are moved in place (like ``nn.Module.to``), so that the
+        code that reads them, and the copy, keep sharing them.
+        """
+        for p in self._params.values():
+            target_dtype = dtype if dtype is not None else p.dtype
+            if (device is not None and p.device != torch.device(device)) or p.dtype != target_dtype:
+                p.data = p.data.to(device=device, dtype=target_dtype)
         data = {}
         for k, v in self.data.items():
             v = v.to(device=device)
@@ -335,6 +383,7 @@ class Model:
         *,
         name: str = "log_density",
         site: str = "x",
+        params: torch.nn.Module | Mapping[str, torch.Tensor] | None = None,
     ) -> Model:
         """A model from a plain log density over a vector.
 
@@ -349,10 +398,13 @@ class Model:
             With a non-real support the unconstrained view adds the log-Jacobian.
         site : str
             Name of the single latent site.
+        params : nn.Module or mapping of str to Tensor, optional
+            Parameters ``fn`` reads (e.g. ``fn`` is a method of this module):
+            :func:`vipkg.fit` learns them with the guide.
         """
         from vipkg.frontends.log_density import log_density_model  # frontends -> model: import here
 
-        return log_density_model(cls, fn, dim, support, name=name, site=site)
+        return log_density_model(cls, fn, dim, support, name=name, site=site, params=params)
 
     @classmethod
     def from_pyro(
@@ -380,10 +432,16 @@ class Model:
         :class:`~vipkg.frontends.pyro.PyroVectorizationWarning` naming the
         site and the likely pattern; :attr:`vectorization` says which is used.
         Shapes are validated with Pyro's own check (a log-prob dimension no plate
-        declares, inside a plate, is a :class:`ModelError`). Model-side
-        ``pyro.param`` sites and enumerate annotations get a
-        :class:`~vipkg.frontends.pyro.PyroProgramWarning` (vipkg keeps the former
-        fixed and does not enumerate).
+        declares, inside a plate, is a :class:`ModelError`). Enumerate annotations
+        get a :class:`~vipkg.frontends.pyro.PyroProgramWarning` (vipkg does not
+        enumerate yet).
+
+        The program's ``pyro.param`` and ``PyroModule`` parameters are the model's
+        own (:meth:`named_parameters`; :func:`vipkg.fit` learns them with the
+        guide). They live in a parameter store private to the model (Pyro's
+        ``ParamStoreDict.scope``), initialized from the program's initial values:
+        the global store is neither read nor changed, and two models never share a
+        parameter by name. :meth:`param_values` gives their constrained values.
 
         Parameters
         ----------

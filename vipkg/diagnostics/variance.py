@@ -49,7 +49,8 @@ def gradient_samples(
     Returns
     -------
     dict of str to Tensor
-        ``{name: Tensor[repeats, *param.shape]}`` keyed by ``guide.named_parameters()``;
+        ``{name: Tensor[repeats, *param.shape]}`` keyed by ``guide.named_parameters()``
+        and, for a model with parameters of its own, ``"model." + name``;
         each row is what one :meth:`~vipkg.estimators.Estimator.estimate` wrote into
         ``.grad`` (the gradient of minus the bound). The guide's parameters,
         gradients and the estimator's state are restored afterwards.
@@ -65,6 +66,8 @@ def gradient_samples(
     estimator.check(model, guide, objective)
     estimator.check_particles(num_particles)
     params = dict(guide.named_parameters())
+    own = {f"model.{k}": p for k, p in model.named_parameters()}
+    params.update(own)
     saved_values = {n: p.detach().clone() for n, p in params.items()}
     saved_grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in params.items()}
     saved_state = estimator.state_dict()
@@ -72,6 +75,9 @@ def gradient_samples(
     try:
         with seeded(seed, guide.device):
             for r in range(repeats):
+                for p in own.values():
+                    # estimate replaces the guide's .grad; the model's would accumulate.
+                    p.grad = None
                 estimator.estimate(model, guide, objective, num_particles)
                 for n, p in params.items():
                     if p.grad is not None:

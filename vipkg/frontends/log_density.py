@@ -20,6 +20,7 @@ def log_density_model(
     *,
     name: str = "log_density",
     site: str = "x",
+    params=None,
 ) -> Model:
     """What :meth:`vipkg.Model.from_log_density` returns: one site ``site`` of shape ``(dim,)``.
 
@@ -32,4 +33,4 @@ def log_density_model(
     def log_joint(latents, data):
         return fn(latents[site])
 
-    return cls({site: Site(shape, support)}, log_joint, name=name)
+    return cls({site: Site(shape, support)}, log_joint, name=name, params=params)

@@ -24,6 +24,7 @@ import math
 import warnings
 
 import torch
+from torch.distributions import constraints, transform_to
 
 from vipkg.model import ModelError, Site, _check_data
 
@@ -41,7 +42,7 @@ class PyroVectorizationWarning(UserWarning):
 
 
 class PyroProgramWarning(UserWarning):
-    """Part of a Pyro program that vipkg ignores (model-side parameters, enumerate annotations)."""
+    """Part of a Pyro program that vipkg ignores (enumerate annotations, until enumeration lands)."""
 
 
 # ------------------------------------------------------------------ arguments
@@ -222,6 +223,15 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
         )
     data, arg_spec, kw_spec = _split_tensor_args(fn, args, kwargs)
     data = _check_data(data)
+    user_fn = fn
+    # The program's pyro.param / PyroModule parameters live in a parameter store of the
+    # model's own (Pyro's ``ParamStoreDict.scope``), not the global one: two models never
+    # share a parameter by name, and the user's global store is left as it was.
+    param_state = {"params": {}, "constraints": {}}
+
+    def fn(*a, **kw):
+        with pyro.get_param_store().scope(param_state):
+            return user_fn(*a, **kw)
 
     # Tracing draws from the prior; keep the user's RNG stream untouched.
     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -235,12 +245,9 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
     event_dims: dict[str, int] = {}
     observed: dict[str, torch.Tensor] = {}
     deterministic: dict[str, torch.Size] = {}
-    params, enumerated = [], []
+    enumerated = []
     nesting = 0
     for site_name, site in trace.nodes.items():
-        if site["type"] == "param":
-            params.append(site_name)
-            continue
         if not _is_sample(site):
             continue
         if _is_deterministic(site):
@@ -278,14 +285,6 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
         event_dims[site_name] = len(dist.event_shape)
     if not sites:
         raise ModelError(f"Pyro model {name!r} has no latent sample sites; there is nothing to infer.")
-    if params:
-        warnings.warn(
-            f"Pyro model {name!r} has model-side parameters {params} (pyro.param or PyroModule "
-            "parameters); vipkg fits the guide only and keeps them at their initial values. Make them "
-            "latent sites (pyro.sample with a prior) to infer them.",
-            PyroProgramWarning,
-            stacklevel=4,
-        )
     if enumerated:
         warnings.warn(
             f"Pyro model {name!r}: sites {enumerated} are marked for enumeration "
@@ -540,9 +539,14 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
         data=data,
         name=name,
         pointwise_log_likelihood=pointwise,
-        pyro_model=(fn, args, kwargs),
+        pyro_model=(user_fn, args, kwargs),
         observed={k: v.detach() for k, v in observed.items()},
         deterministic=deterministic_values if deterministic else None,
+        params=dict(param_state["params"]),
+        param_transforms={
+            k: transform_to(param_state["constraints"].get(k, constraints.real))
+            for k in param_state["params"]
+        },
     )
     model._vectorization = state
 
