@@ -175,3 +175,18 @@ def test_pyro_module_parameters_are_trained_in_place():
     )
     assert 0.2 < float(result.model.param_values()["sigma"]) < 0.45
     assert "sigma" not in pyro.get_param_store()  # the user's global store is left alone
+
+
+def test_compile_with_model_parameters_runs_eagerly_with_the_same_trajectory():
+    runs = []
+    for compile in (False, True):
+        model = _models()["log_density"]
+        guide = MeanFieldNormal(model, dtype=F64)
+        if compile:
+            with pytest.warns(RuntimeWarning, match="runs eagerly|run eagerly"):
+                r = vipkg.fit(model, guide, vipkg.Reparam(), steps=30, compile=True, progress=False)
+        else:
+            r = vipkg.fit(model, guide, vipkg.Reparam(), steps=30, progress=False)
+        runs.append((r.losses, model.param_values()["w"]))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert float(runs[1][1]) != 0.7

@@ -104,7 +104,7 @@ def fit(
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         guide.to(device)
     if not split_particles:  # each rank's block of particles is its own
-        broadcast_guide(guide, 0, group)
+        broadcast_guide(guide, 0, group, model=model)
     wrapped = (
         estimator
         if isinstance(estimator, (DataParallel, ShardedSVGD))

@@ -27,9 +27,11 @@ def _comm_device(group=None) -> torch.device:
 
 
 @torch.no_grad()
-def broadcast_guide(guide, src: int = 0, group=None) -> None:
-    """Copy rank ``src``'s guide parameters and buffers to every rank (in place)."""
-    for t in list(guide.parameters()) + list(guide.buffers()):
+def broadcast_guide(guide, src: int = 0, group=None, model=None) -> None:
+    """Copy rank ``src``'s guide parameters and buffers (and ``model``'s own parameters) to every
+    rank (in place)."""
+    own = [] if model is None else model.parameters()
+    for t in [*guide.parameters(), *guide.buffers(), *own]:
         dist.broadcast(t.data, src=src, group=group)
 
 

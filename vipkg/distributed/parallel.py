@@ -61,13 +61,19 @@ class DataParallel(Estimator):
 
     def estimate(self, model, guide, objective, num_particles: int) -> StepInfo:
         info = self.estimator.estimate(model, guide, objective, num_particles)
-        grads = [p.grad for p in guide.parameters() if p.grad is not None]
+        # The model's own parameters (variational EM) are averaged like the guide's.
+        grads = [p.grad for p in (*guide.parameters(), *model.parameters()) if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads] + [info.loss.reshape(1).to(grads[0].dtype)])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
         flat = flat / dist.get_world_size(self.group)
         for g, part in zip(grads, flat[:-1].split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
         return StepInfo(loss=flat[-1], log_weights=info.log_weights, extras=info.extras)
+
+    @property
+    def trains_model_params(self) -> bool:
+        est = self.estimator
+        return getattr(est, "trains_model_params", getattr(est, "composable", False))
 
     def state_dict(self) -> dict:
         return self.estimator.state_dict()

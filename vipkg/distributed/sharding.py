@@ -107,6 +107,9 @@ def shard(model: Model, rank: int, world: int) -> Model:
         reference=model.reference,
         pointwise_log_likelihood=model.pointwise_log_likelihood_fn,
         observed=observed,
+        deterministic=model._deterministic_fn,
+        params=dict(model.named_parameters()),
+        param_transforms=model._param_transforms,
         **terms,
     )
     new.per_datum = keys
