@@ -47,7 +47,7 @@ def rao_blackwell_costs(model, latents, parts) -> list[torch.Tensor]:
        Inference". AISTATS (2014), section 3.1.
     """
     terms = model.log_joint_terms(latents)
-    by_site = terms_by_site(model)
+    by_site = terms_by_site(model, terms)
     return [rao_blackwell_cost(model, terms, sites, log_q, by_site) for sites, log_q in parts]
 
 
