@@ -100,6 +100,21 @@ def _discrete_model(support, shape=(2,)):
     return Model({"c": Site(torch.Size(shape), support)}, log_joint, data={"w": weights}, name="discrete")
 
 
+def _one_hot_model():
+    """A one-site model over two one-hot entries with four categories (OneHotCategorical guides)."""
+    from torch.distributions import constraints
+
+    from vipkg.model import Site
+
+    weights = torch.linspace(-1.0, 1.0, 4, dtype=torch.float64)
+    return Model(
+        {"c": Site(torch.Size([2, 4]), constraints.one_hot)},
+        lambda latents, data: (latents["c"] * data["w"]).flatten(1).sum(-1),
+        data={"w": weights},
+        name="one_hot",
+    )
+
+
 def _candidates():
     """(model, guide factory) pairs, tried in order until an estimator's check accepts one.
 
@@ -135,6 +150,7 @@ def _candidates():
         parts = {"mu": guides.MeanFieldNormal, "c": guides.Categorical}
         mixture = ZOO["discrete_mixture"](n=6, **f64)
         out.append((mixture, lambda m: guides.Composite(m, parts, **f64)))
+    out.append((_one_hot_model(), lambda m: guides.OneHotCategorical(m, **f64)))
     return out
 
 

@@ -12,7 +12,7 @@ from vipkg.diagnostics import gradient_samples
 from vipkg.estimators.base import IncompatibleEstimatorError
 from vipkg.estimators.relaxed import Anneal, GumbelSoftmax, straight_through
 from vipkg.guides import MeanFieldNormal
-from vipkg.guides.discrete import Categorical
+from vipkg.guides.discrete import Categorical, OneHotCategorical
 from vipkg.model import Model, Site
 
 A = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.0, 2.0, -1.0, 1.0]], dtype=torch.float64)
@@ -162,6 +162,16 @@ def _binary_model():
     return Model({"c": Site(torch.Size([2]), constraints.integer_interval(0, 1))}, log_joint, data={"A": A2})
 
 
+def _binary_one_hot_model():
+    """The same log joint over a one-hot site ``c [2, 2]`` (Pyro's ``OneHotCategorical`` support):
+    the model takes the relaxed draws as the site's own values."""
+    return Model(
+        {"c": Site(torch.Size([2, 2]), constraints.one_hot)},
+        lambda latents, data: (latents["c"] * data["A"]).sum((-1, -2)),
+        data={"A": A2},
+    )
+
+
 def _relaxed_gradient(tau: float, grid: int = 200_000):
     """The exact gradient of the bound GumbelSoftmax(tau) estimates (kl="analytic"): the model's
     log joint is linear in y, so the bound is E[y] . A2 + H(q), with E[y_0] a one-dimensional
@@ -181,14 +191,26 @@ class TestGumbelSoftmaxContract(EstimatorContract):
     """GumbelSoftmax is biased for the discrete ELBO by design; it is checked against the relaxed
     bound it is unbiased for (K = 2, by quadrature). Biased variant: another temperature's
     relaxation (straight-through is no test here: with a log joint linear in y its gradient is the
-    relaxed one). The annealed case has state (its clock), for the round trip; its bound
-    changes every step, so its unbiasedness is that of the fixed-temperature case."""
+    relaxed one). The one-hot case is the same problem with a OneHotCategorical guide over a one-hot
+    site, whose relaxed draws the model takes as they are. The annealed case has state (its clock),
+    for the round trip; its bound changes every step, so its unbiasedness is that of the
+    fixed-temperature case."""
 
     cases = [
         Case(
             "gumbel-k2",
             model=_binary_model,
             guide=lambda m: Categorical(m, logits=LOGITS2, dtype=torch.float64),
+            estimator=lambda: GumbelSoftmax(1.0),
+            num_particles=16,
+            exact=_relaxed_gradient(1.0),
+            biased=lambda: GumbelSoftmax(2.0),
+            lr=0.05,
+        ),
+        Case(
+            "gumbel-onehot-k2",
+            model=_binary_one_hot_model,
+            guide=lambda m: OneHotCategorical(m, logits=LOGITS2, dtype=torch.float64),
             estimator=lambda: GumbelSoftmax(1.0),
             num_particles=16,
             exact=_relaxed_gradient(1.0),
@@ -206,3 +228,44 @@ class TestGumbelSoftmaxContract(EstimatorContract):
             lr=0.05,
         ),
     ]
+
+
+# ------------------------------------------------------------------ one-hot sites of a Pyro program
+OH_PRIOR = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+OH_LOCS = torch.tensor([-2.0, 0.0, 2.0], dtype=torch.float64)
+OH_Y = torch.tensor([1.8, 2.3, 1.5, 2.2], dtype=torch.float64)
+
+
+def _pyro_one_hot(y):
+    import pyro
+    import pyro.distributions as dist
+
+    z = pyro.sample("z", dist.OneHotCategorical(OH_PRIOR))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(z @ OH_LOCS, 1.0), obs=y)
+
+
+def test_straight_through_fits_a_pyro_one_hot_site():
+    """Pyro's OneHotCategorical validates its support, so the model gets exact one-hot values
+    (hard=True); the fit puts its mass on the category the data point to (posterior 0.9985 on the
+    last one; measured 0.976, the rest is the straight-through bias)."""
+    from vipkg.estimators import per_site
+
+    model = Model.from_pyro(_pyro_one_hot, OH_Y)
+    guide, est = per_site.auto(
+        model, discrete_estimator=lambda: GumbelSoftmax(0.5, hard=True), dtype=torch.float64
+    )
+    assert isinstance(guide.parts[0], OneHotCategorical)
+    probs = []
+    vipkg.fit(
+        model,
+        guide,
+        est,
+        steps=600,
+        num_particles=16,
+        lr=0.05,
+        progress=False,
+        check_every=1,
+        callback=lambda step, loss: probs.append(guide.parts[0].probs["z"].detach().clone()),
+    )
+    assert torch.stack(probs[-100:]).mean(0)[2] > 0.9

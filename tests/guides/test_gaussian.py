@@ -154,3 +154,51 @@ def test_initial_values_that_underflow_are_refused(model, make):
         make(model)
     # the same values are representable in float64
     FullRankNormal(model, init_scale=1e-40, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------ a relaxed one-hot (Concrete) latent
+R_TAU = 0.7
+R_PROBS = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+R_Y = torch.tensor([0, 2, 2, 1, 2])
+
+
+def _pyro_relaxed_one_hot(y):
+    import pyro
+    import pyro.distributions as dist
+
+    p = pyro.sample("p", dist.RelaxedOneHotCategorical(torch.tensor(R_TAU, dtype=torch.float64), R_PROBS))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Categorical(p), obs=y)
+
+
+def test_relaxed_one_hot_latent_is_continuous_and_fits_with_mean_field():
+    """A RelaxedOneHotCategorical (Concrete) site lives on the simplex: a continuous site that
+    MeanFieldNormal covers through biject_to(simplex) (stick-breaking, K - 1 coordinates). The
+    unconstrained log joint is the Concrete density plus the likelihood plus the log-Jacobian; a
+    Reparam fit's ELBO stays below the log evidence (importance sampling from the prior, 400k draws)
+    and comes within 0.1 nats of it (measured gap 0.025-0.037 over three seeds)."""
+    from torch.distributions import RelaxedOneHotCategorical, StickBreakingTransform, constraints
+
+    model = vipkg.Model.from_pyro(_pyro_relaxed_one_hot, R_Y)
+    assert model.is_continuous and model.dim == 2
+    assert isinstance(model.sites["p"].support, type(constraints.simplex))
+    prior = RelaxedOneHotCategorical(torch.tensor(R_TAU, dtype=torch.float64), R_PROBS)
+    u = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p = StickBreakingTransform()(u)
+    expected = (
+        prior.log_prob(p) + torch.log(p[:, R_Y]).sum(-1) + StickBreakingTransform().log_abs_det_jacobian(u, p)
+    )
+    assert torch.allclose(model.log_joint_unconstrained(u), expected, atol=1e-10)
+
+    guide = MeanFieldNormal(model, dtype=torch.float64)
+    vipkg.fit(model, guide, vipkg.Reparam(), steps=1500, num_particles=16, lr=0.02, progress=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        z, log_q = guide.rsample_and_log_prob((100_000,))
+        log_w = model.log_joint_unconstrained(z) - log_q
+        prior_draws = prior.sample((400_000,))
+        log_lik = torch.log(prior_draws[:, R_Y]).sum(-1)
+    elbo, elbo_se = float(log_w.mean()), float(log_w.std()) / 100_000**0.5
+    log_evidence = float(torch.logsumexp(log_lik, 0)) - torch.log(torch.tensor(400_000.0)).item()
+    assert elbo < log_evidence + 4 * elbo_se + 0.01
+    assert log_evidence - elbo < 0.1, (elbo, log_evidence)

@@ -92,6 +92,8 @@ class PerSite(Estimator):
 
     #: The combiner of parts owns the step; it is not itself a part.
     composable = False
+    #: Its one surrogate carries the model's log joint, so model parameters get their gradient.
+    trains_model_params = True
 
     def __init__(self, parts: dict | None = None):
         if isinstance(parts, Composite):
@@ -202,7 +204,8 @@ class PerSite(Estimator):
 
 def auto(model, *, discrete_estimator=None, continuous_guide=None, dtype=None) -> tuple[Composite, PerSite]:
     """The usual split and its estimator: a Gaussian (``Reparam``) over every continuous site and a
-    ``Categorical`` / ``Bernoulli`` family per discrete site with a score-function estimator.
+    ``Categorical``, ``OneHotCategorical`` or ``Bernoulli`` family per discrete site with a
+    score-function estimator.
 
     Parameters
     ----------
@@ -211,7 +214,8 @@ def auto(model, *, discrete_estimator=None, continuous_guide=None, dtype=None) -
     discrete_estimator : callable, optional
         Makes a fresh part estimator per discrete site; default
         ``ScoreFunction(LeaveOneOut())``. ``lambda: GumbelSoftmax(0.5)`` works for
-        categorical sites of models that accept one-hot values.
+        one-hot sites (Pyro's ``OneHotCategorical``) and for categorical sites of
+        models that accept one-hot values.
     continuous_guide : callable, optional
         Guide factory for the continuous sites (default ``MeanFieldNormal``).
     dtype : torch.dtype, optional

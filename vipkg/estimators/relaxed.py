@@ -77,8 +77,11 @@ class GumbelSoftmax(Estimator):
     Each categorical site with logits ``l [*shape, K]`` is drawn as
     ``y = softmax((l + g) / tau)``, ``g`` standard Gumbel
     (``torch.distributions.RelaxedOneHotCategorical.rsample``), and handed to the
-    model as a one-hot vector ``[*shape, K]`` on the simplex. The model's log
-    joint must accept (relaxed) one-hot values for those sites, e.g. by writing
+    model as a one-hot vector ``[*shape, K]`` on the simplex. For a one-hot site
+    (:class:`~vipkg.guides.discrete.OneHotCategorical` guide, Pyro's
+    ``OneHotCategorical``) that is the site's own shape; for an integer site
+    (:class:`~vipkg.guides.discrete.Categorical` guide) the model's log joint must
+    accept one-hot values in its place, e.g. by writing
     ``log p(x_n | c_n) = sum_k y_nk log p(x_n | mu_k)``; the zoo mixture and the
     categorical models in :mod:`vipkg.models.mixture` do.
 
@@ -104,10 +107,21 @@ class GumbelSoftmax(Estimator):
 
     Notes
     -----
-    Works with a :class:`vipkg.guides.discrete.Categorical` guide covering every
-    site, or as the estimator of a categorical part of a ``Composite`` guide.
-    The estimate is biased for the discrete ELBO at any ``tau > 0``; the tests
-    measure the bias falling with ``tau`` against the exact gradient by enumeration.
+    Works with a :class:`vipkg.guides.discrete.Categorical` or
+    :class:`vipkg.guides.discrete.OneHotCategorical` guide covering every site, or
+    as the estimator of such a part of a ``Composite`` guide. The estimate is
+    biased for the discrete ELBO at any ``tau > 0``; the tests measure the bias
+    falling with ``tau`` against the exact gradient by enumeration.
+
+    The gradient reaches the logits only through terms of the log joint that are
+    differentiable in ``y``. Pyro's ``OneHotCategorical.log_prob`` scores
+    ``argmax y`` and passes no gradient to ``y``, so in a Pyro program the site's
+    own prior drops out of the gradient (a non-uniform prior is ignored: write it
+    as ``pyro.factor(name, (y * probs.log()).sum(-1))`` against a uniform
+    ``OneHotCategorical``, or use ``ScoreFunction``); and it validates its support,
+    so soft draws (``hard=False``) are refused unless the distribution is built
+    with ``validate_args=False``. ``hard=True`` hands the model exact one-hot
+    vectors.
 
     References
     ----------
@@ -153,7 +167,8 @@ class GumbelSoftmax(Estimator):
     def check(self, model, guide, objective) -> None:
         if not callable(getattr(guide, "site_logits", None)):
             raise IncompatibleEstimatorError(
-                f"GumbelSoftmax relaxes categorical sites and needs a Categorical guide (site_logits()), "
+                "GumbelSoftmax relaxes categorical sites and needs a Categorical or OneHotCategorical guide "
+                f"(site_logits()), "
                 f"got {type(guide).__name__}; use ScoreFunction for other discrete guides."
             )
         if self.kl == "analytic" and type(objective) is not ELBO:

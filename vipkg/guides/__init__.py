@@ -2,7 +2,7 @@
 
 from vipkg.guides.base import Guide
 from vipkg.guides.composite import Composite
-from vipkg.guides.discrete import Bernoulli, Categorical
+from vipkg.guides.discrete import Bernoulli, Categorical, OneHotCategorical
 from vipkg.guides.flow import Flow
 from vipkg.guides.gaussian import FullRankNormal, LowRankNormal, MeanFieldNormal
 from vipkg.guides.particles import (
@@ -25,6 +25,7 @@ __all__ = [
     "Dirichlet",
     "Flow",
     "Categorical",
+    "OneHotCategorical",
     "Bernoulli",
     "Composite",
     "Particles",

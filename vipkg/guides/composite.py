@@ -187,8 +187,8 @@ class Composite(Guide):
 
     @classmethod
     def auto(cls, model, *, discrete_estimator=None, continuous_guide=None, dtype=None) -> Composite:
-        """The usual split: one Gaussian over every continuous site, and a ``Categorical`` /
-        ``Bernoulli`` guide per discrete site.
+        """The usual split: one Gaussian over every continuous site, and a ``Categorical``,
+        ``OneHotCategorical`` or ``Bernoulli`` guide per discrete site (by its support).
 
         Parameters
         ----------
@@ -207,7 +207,14 @@ class Composite(Guide):
         .. [1] Ranganath, R., Gerrish, S., Blei, D. M. "Black Box Variational
            Inference". AISTATS (2014).
         """
-        from vipkg.guides.discrete import Bernoulli, Categorical, _is_boolean, _is_categorical
+        from vipkg.guides.discrete import (
+            Bernoulli,
+            Categorical,
+            OneHotCategorical,
+            _is_boolean,
+            _is_categorical,
+            _is_one_hot,
+        )
         from vipkg.guides.gaussian import MeanFieldNormal
 
         if model.is_continuous:
@@ -224,12 +231,14 @@ class Composite(Guide):
                 continue
             if _is_categorical(s.support):
                 parts[k] = Categorical
+            elif _is_one_hot(s.support):
+                parts[k] = OneHotCategorical
             elif _is_boolean(s.support):
                 parts[k] = Bernoulli
             else:
                 raise ValueError(
                     f"Composite.auto: discrete site {k!r} has support {s.support}; vipkg has guides for "
-                    "categorical (integer 0..K-1) and boolean sites."
+                    "categorical (integer 0..K-1), one-hot categorical and boolean sites."
                 )
         guide = cls(model, parts, dtype=dtype)
         if discrete_estimator is not None:

@@ -57,6 +57,8 @@ def _is_simplex(support) -> bool:
 def _suggest(site) -> str:
     """The guide that fits a site's support, for error messages."""
     if site.is_discrete:
+        if isinstance(_unwrap(site.support), type(constraints.one_hot)):
+            return "a OneHotCategorical guide with ScoreFunction"
         return "a Categorical guide with ScoreFunction"
     if _is_positive(site.support):
         return "Gamma"
