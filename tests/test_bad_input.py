@@ -169,6 +169,24 @@ CASES = [
     ("check-every-zero", lambda tmp: _fit(check_every=0), ValueError, "check_every"),
     ("nan-policy", lambda tmp: _fit(nan_policy="ignore"), ValueError, "nan_policy"),
     ("resume-no-path", lambda tmp: _fit(resume=True), ValueError, "needs checkpoint"),
+    (
+        "estimator-class-not-instance",
+        lambda tmp: vipkg.fit(_gauss(), MeanFieldNormal(_gauss()), vipkg.Reparam, steps=5),
+        TypeError,
+        r"estimator is the class Reparam, not an instance of it; pass an instance: Reparam\(\)",
+    ),
+    (
+        "guide-class-not-instance",
+        lambda tmp: vipkg.fit(_gauss(), MeanFieldNormal, vipkg.Reparam(), steps=5),
+        TypeError,
+        r"guide is the class MeanFieldNormal.*pass an instance: MeanFieldNormal\(model\)",
+    ),
+    (
+        "objective-class-not-instance",
+        lambda tmp: _fit(objective=vipkg.IWAE),
+        TypeError,
+        r"objective is the class IWAE.*pass an instance: IWAE\(\)",
+    ),
     ("checkpoint-garbage", _bad_checkpoint, CheckpointError, "cannot read checkpoint"),
     ("diag-every-zero", lambda tmp: vipkg.GradientVariance(every=0), ValueError, "every"),
     (

@@ -1,9 +1,12 @@
 import io
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import arviz as az
+import pytest
 import torch
 
 import vipkg
@@ -112,3 +115,138 @@ def test_cli_rejects_bad_arguments():
         [sys.executable, "-m", "vipkg", "compare", "--steps", "0"], capture_output=True, text=True
     )
     assert out.returncode == 2 and "--steps" in out.stderr
+
+
+def _fails_on_one_line(argv, capsys):
+    """Run ``vipkg argv`` in-process; the one-line message it ends with (and its exit status)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    code = info.value.code
+    # A string code is printed by the interpreter on stderr (exit status 1); an int one after
+    # the parser wrote its message there.
+    text = code if isinstance(code, str) else capsys.readouterr().err.strip()
+    status = 1 if isinstance(code, str) else code
+    assert status != 0 and text and "\n" not in text and "Traceback" not in text, (status, text)
+    return text, status
+
+
+def _no_fitting(monkeypatch):
+    """Make any fit fail loudly: the errors below must come before fitting starts."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a fit started before the error")
+
+    # vipkg.cli.compare is also the name of the compare function, so look the modules up.
+    monkeypatch.setattr(sys.modules["vipkg.cli.compare"], "fit", refuse)
+    monkeypatch.setattr(sys.modules["vipkg.cli.fit"], "fit_one", refuse)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["fit", "--model", "eight_schools", "--estimator", "rsvi"],
+            r"^vipkg fit: error: RSVI needs a guide built from Gamma draws .* Use Reparam for Gaussian",
+        ),
+        (
+            ["fit", "--model", "eight_school"],
+            r"^vipkg fit: error: --model 'eight_school' is neither a zoo model",
+        ),
+        (
+            ["fit", "--model", "gaussian", "--estimator", "reparm"],
+            r"--estimator 'reparm': choose one of .*'reparam'",
+        ),
+        (
+            ["fit", "--model", "gaussian", "--guide", "fullrnk"],
+            r"--guide 'fullrnk': choose one of .*'fullrank'",
+        ),
+        (["compare", "--model", "eight_school"], r"^vipkg compare: error: .*invalid choice: 'eight_school'"),
+        (
+            ["compare", "--model", "gaussian", "--only", "reparm"],
+            r"--only 'reparm' matches no configuration label.*the labels are: reparam-meanfield-elbo, ",
+        ),
+        (
+            ["compare", "--model", "gaussian", "--only", "stl,reparm"],
+            r"--only 'reparm' matches no configuration label",
+        ),
+        (["fit", "--model", "gaussian", "--overwrite"], r"--overwrite needs --checkpoint"),
+    ],
+)
+def test_cli_errors_are_one_line_before_any_fitting(argv, message, capsys, monkeypatch):
+    if "rsvi" not in argv:  # RSVI's mismatch is found by fit itself, before its first step
+        _no_fitting(monkeypatch)
+    text, _ = _fails_on_one_line([*argv, "--steps", "2", "--no-progress"], capsys)
+    assert re.search(message, text), text
+
+
+@pytest.mark.parametrize("command", ["fit", "compare"])
+def test_unwritable_out_fails_before_any_fitting(command, tmp_path, capsys, monkeypatch):
+    _no_fitting(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    targets = [blocker / "out"] + ([Path("/proc/x")] if Path("/proc/self").exists() else [])
+    for out in targets:
+        argv = [command, "--model", "gaussian", "--steps", "2", "--no-progress", "--out", str(out)]
+        text, status = _fails_on_one_line(argv, capsys)
+        assert status == 1 and re.search(rf"cannot write to .*directory '{re.escape(str(out))}'", text), text
+
+
+def test_cli_refuses_to_overwrite_a_checkpoint(tmp_path, capsys):
+    ck = tmp_path / "c.pt"
+    argv = ["fit", "--model", "gaussian", "--steps", "4", "--no-progress", "--checkpoint", str(ck)]
+    assert main(argv) == 0
+    saved = ck.read_bytes()
+    text, _ = _fails_on_one_line(argv, capsys)
+    assert re.search(r"c\.pt' already exists.*--resume.*--overwrite", text), text
+    assert ck.read_bytes() == saved
+    assert main([*argv, "--overwrite", "--seed", "1"]) == 0
+    assert ck.read_bytes() != saved
+    text, status = _fails_on_one_line([*argv, "--overwrite", "--resume"], capsys)
+    assert status == 2 and "pass one" in text
+
+
+def test_cli_errors_in_a_real_process_print_one_line_and_no_traceback(tmp_path):
+    for argv in (
+        ["fit", "--model", "eight_schools", "--estimator", "rsvi", "--steps", "2"],
+        [
+            "compare",
+            "--model",
+            "gaussian",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "x" / "y"),
+            "--only",
+            "reparm",
+        ],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "vipkg", *argv, "--no-progress"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+        assert lines[0].startswith(f"vipkg {argv[0]}: error: "), lines
+    assert not (tmp_path / "x").exists()  # the filter is checked before the output directory is made
+
+
+@pytest.mark.parametrize("command", ["compare", "fit"])
+def test_help_describes_every_option_with_its_default(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("options:") :]
+    # One block per option: its line and the indented lines that continue its help.
+    blocks = re.split(r"\n  (?=-)", options)[1:]
+    names = [b.split()[0].rstrip(",") for b in blocks]
+    assert "--steps" in names and "--out" in names and len(names) >= 10
+    for block in blocks:
+        name = block.split()[0]
+        if name in ("-h,", "--model") and command == "fit":
+            continue  # --help, and fit's required --model, have no default
+        if name == "-h,":
+            continue
+        assert "default" in block, block

@@ -121,13 +121,19 @@ def _worker(rank, world, out_dir):
     ck = f"{out_dir}/ck.pt"
     _fit(fit, model, MeanFieldNormal(model, dtype=torch.float64), steps=10, checkpoint=ck, checkpoint_every=5)
     res["resumed"] = _fit(fit, model, MeanFieldNormal(model, dtype=torch.float64), checkpoint=ck, resume=True)
-    if rank == 1:  # as if rank 1 died before its first write
+    if rank == 1:  # as if rank 1 died before its first write (which would have left no .prev either)
         os.remove(f"{out_dir}/ck.rank1.pt")
+        os.remove(f"{out_dir}/ck.rank1.pt.prev")
     try:
         _fit(fit, model, MeanFieldNormal(model, dtype=torch.float64), checkpoint=ck, resume=True)
         res["mismatch"] = None
     except CheckpointError as err:
         res["mismatch"] = str(err)
+    try:  # a fresh fit: rank 0's file exists, rank 1's does not; both must refuse, not wait for the other
+        _fit(fit, model, MeanFieldNormal(model, dtype=torch.float64), checkpoint=ck)
+        res["fresh_refused"] = None
+    except CheckpointError as err:
+        res["fresh_refused"] = str(err)
     res["fit_per_rank"] = _fit(fit, model, MeanFieldNormal(model, dtype=torch.float64), particles="per_rank")
 
     torch.set_default_dtype(torch.float32)  # as in the single-process CLI run it is compared with
@@ -285,6 +291,9 @@ def test_two_processes_fit_the_same_guide_as_one(two_ranks):
     assert (out / "ck.pt").exists()
     for rank in range(WORLD):  # both ranks refuse to resume from different steps
         assert "different steps [25, -1]" in results[rank]["mismatch"]
+        assert re.search(
+            r"rank 0: CheckpointError: checkpoint .*ck\.pt' already exists", results[rank]["fresh_refused"]
+        )
     # per_rank draws: the ranks stay in step with each other but leave the 1-process path.
     p0, l0 = results[0]["fit_per_rank"]
     p1, l1 = results[1]["fit_per_rank"]

@@ -12,7 +12,9 @@ import sys
 
 import torch
 
+from vipkg._io import writable_dir
 from vipkg._rng import seeded
+from vipkg.cli._help import HelpFormatter
 from vipkg.diagnostics import GradientVariance, gradient_variance, psis_khat, reference_draws
 from vipkg.diagnostics.report import write_compare
 from vipkg.estimators import IncompatibleEstimatorError, catalog
@@ -67,6 +69,18 @@ def _reference(model, reference: str, seed: int):
     return None
 
 
+def _check_only(only, labels: list[str]) -> None:
+    """Every entry of ``only`` must pick some label: one that picks none is a typo, not a filter."""
+    if not only:
+        return
+    unmatched = [prefix for prefix in only if not any(label.startswith(prefix) for label in labels)]
+    if unmatched:
+        raise ValueError(
+            f"--only {','.join(unmatched)!r} matches no configuration label (an entry picks the labels that "
+            f"start with it); the labels are: {', '.join(labels)}."
+        )
+
+
 def compare(
     model_name: str = "logistic_regression",
     *,
@@ -98,11 +112,15 @@ def compare(
     """
     stream = stream or sys.stdout
     if model_name not in ZOO:
-        raise SystemExit(f"unknown model {model_name!r}; choose one of {sorted(ZOO)}")
+        raise ValueError(f"unknown model {model_name!r}; choose one of {sorted(ZOO)} (vipkg models).")
+    configs = list(configs or catalog.configs())
+    _check_only(only, [cfg.label for cfg in configs])
+    # Before any fitting: an output path that cannot be written must not cost the whole run.
+    writable_dir(out, "output directory")
     model = ZOO[model_name]()
     rows, results = [], {}
     skipped = []
-    for cfg in configs or catalog.configs():
+    for cfg in configs:
         if only and not any(cfg.label.startswith(prefix) for prefix in only):
             continue
         built, reason = _build(cfg, model, num_particles)
@@ -154,7 +172,8 @@ def compare(
         print(f"  {cfg.label:<26} loss {loss:10.3f} ± {se:.3f}  k-hat {khat:5.2f}", file=stream, flush=True)
 
     if not rows:
-        raise SystemExit(f"no estimator configuration fits model {model.name!r}: {skipped}")
+        reasons = "; ".join(f"{label}: {reason}" for label, reason in skipped)
+        raise ValueError(f"no estimator configuration fits model {model.name!r} (or all diverged): {reasons}")
     table, written = write_compare(
         out,
         model.name,
@@ -173,14 +192,27 @@ def compare(
 
 def add_parser(sub) -> None:
     """The ``compare`` subcommand's arguments."""
-    p = sub.add_parser("compare", help="fit one model with every estimator; table, netCDF and plot")
-    p.add_argument("--model", default="logistic_regression", choices=sorted(ZOO))
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--num-particles", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser(
+        "compare",
+        help="fit one model with every estimator; table, netCDF and plot",
+        description="Fit one zoo model with every estimator configuration that fits it and compare them: "
+        "writes compare.md (the table), compare.nc (ArviZ netCDF), loss_traces.png, grad_variance.png, "
+        "khat.png and, with a reference posterior, posterior.png into --out.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="logistic_regression",
+        choices=sorted(ZOO),
+        metavar="NAME",
+        help="zoo model to fit (vipkg models lists them)",
+    )
+    p.add_argument("--steps", type=int, default=1000, help="optimisation steps per configuration")
+    p.add_argument("--num-particles", type=int, default=16, help="draws (groups of draws) per step")
+    p.add_argument("--lr", type=float, default=1e-2, help="learning rate (configurations may set their own)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every fit and evaluation")
     p.add_argument("--repeats", type=int, default=32, help="gradient estimates for the variance column")
-    p.add_argument("--out", default="vipkg-out")
+    p.add_argument("--out", default="vipkg-out", help="directory for the report (created; checked first)")
     p.add_argument(
         "--reference",
         default="auto",
@@ -190,9 +222,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--only",
         default=None,
-        help="comma-separated label prefixes to run (e.g. 'reparam-fullrank,stl'); default all that fit",
+        help="comma-separated label prefixes to run (e.g. 'reparam-fullrank,stl'); default: every "
+        "configuration that fits the model",
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (default: a bar on a terminal)"
+    )
 
 
 def run(parser, args) -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 import vipkg.guides
-from vipkg._io import atomic_save, atomic_write_bytes
+from vipkg._io import atomic_save, atomic_write_bytes, writable_dir
+from vipkg.cli._help import HelpFormatter
 from vipkg.distributed import fit as distributed_fit
 from vipkg.distributed import init_process_group
 from vipkg.distributed.group import _rank_world
@@ -119,6 +120,7 @@ def fit_command(
     checkpoint: str | None = None,
     checkpoint_every: int = 500,
     resume: bool = False,
+    overwrite: bool = False,
     out: str | os.PathLike | None = None,
     distributed: bool = False,
     particles: str = "shared",
@@ -130,13 +132,16 @@ def fit_command(
     Writes ``summary.json`` (settings, losses, posterior means and standard deviations
     per site) and ``posterior.nc`` (ArviZ netCDF of ``draws`` guide draws) into ``out``;
     under ``distributed`` only rank 0 writes. Returns the summary (with ``"rank"`` under
-    ``distributed``).
+    ``distributed``). ``out`` is created and checked writable before anything is fitted.
     """
     estimators, guides = estimator_classes(), guide_classes()
     if estimator.lower() not in estimators:
         raise SystemExit(f"--estimator {estimator!r}: choose one of {sorted(estimators)}.")
     if guide.lower() not in guides:
         raise SystemExit(f"--guide {guide!r}: choose one of {sorted(guides)}.")
+    if out is not None and (not distributed or int(os.environ.get("RANK", "0")) == 0):
+        # Before any fitting: an output path that cannot be written must not cost the whole fit.
+        writable_dir(out, "--out directory")
     m = _resolve_model(model, model_kwargs or {})
     try:
         g = guides[guide.lower()](m, **(guide_kwargs or {}))
@@ -153,6 +158,7 @@ def fit_command(
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
         resume=resume,
+        overwrite=overwrite,
         progress=progress,
     )
     if not distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -222,6 +228,7 @@ def add_parser(sub) -> None:
         help="fit one model with one guide and estimator; summary JSON and ArviZ netCDF",
         description="Fit one model. Data-parallel under torchrun with --distributed "
         "(torchrun --nproc_per_node=N -m vipkg fit ... --distributed).",
+        formatter_class=HelpFormatter,
     )
     f.add_argument(
         "--model", required=True, help="zoo name (vipkg models) or module:function returning a Model"
@@ -236,25 +243,48 @@ def add_parser(sub) -> None:
     f.add_argument("--estimator", default="reparam", help="a vipkg.estimators class name, any case")
     f.add_argument("--estimator-kwargs", default="{}", help="JSON, e.g. '{\"step_size\": 0.005}' for fbgvi")
     f.add_argument("--objective", default="elbo", help="elbo, iwae:K or renyi:ALPHA")
-    f.add_argument("--steps", type=int, default=1000)
-    f.add_argument("--num-particles", type=int, default=16)
-    f.add_argument("--lr", type=float, default=1e-2)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--device", default=None, help="cpu, cuda (cuda:LOCAL_RANK under --distributed)")
-    f.add_argument("--compile", action="store_true", help="torch.compile the whole step")
-    f.add_argument("--checkpoint", default=None, help="checkpoint file (ranks > 0 write .rankN siblings)")
-    f.add_argument("--checkpoint-every", type=int, default=500)
-    f.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
-    f.add_argument("--out", default=None, help="directory for summary.json and posterior.nc")
+    f.add_argument("--steps", type=int, default=1000, help="optimisation steps")
+    f.add_argument("--num-particles", type=int, default=16, help="draws (groups of draws) per step")
+    f.add_argument("--lr", type=float, default=1e-2, help="learning rate")
+    f.add_argument("--seed", type=int, default=0, help="seed of the fit's draws")
+    f.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda (cuda:LOCAL_RANK under --distributed); default: the guide's device",
+    )
+    f.add_argument("--compile", action="store_true", help="torch.compile the whole step (default: eager)")
+    f.add_argument(
+        "--checkpoint", default=None, help="checkpoint file (ranks > 0 write .rankN siblings); default: none"
+    )
+    f.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    f.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --checkpoint when it exists (default: refuse an existing one)",
+    )
+    f.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh even though --checkpoint exists (replaces it; default: refuse)",
+    )
+    f.add_argument(
+        "--out", default=None, help="directory for summary.json and posterior.nc; default: write nothing"
+    )
     f.add_argument("--draws", type=int, default=1000, help="guide draws in posterior.nc")
-    f.add_argument("--distributed", action="store_true", help="data-parallel over a torchrun process group")
+    f.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel over a torchrun process group (default: one process)",
+    )
     f.add_argument(
         "--particles",
         default="shared",
         choices=["shared", "per_rank"],
         help="with --distributed: same draws on every rank (= one process) or seed + rank",
     )
-    f.add_argument("--no-progress", action="store_true")
+    f.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (default: a bar on a terminal)"
+    )
 
 
 def run(parser, args) -> int:
@@ -271,6 +301,10 @@ def run(parser, args) -> int:
         parser.error("--steps, --num-particles, --draws and --lr must be positive")
     if args.resume and args.checkpoint is None:
         parser.error("--resume needs --checkpoint FILE")
+    if args.overwrite and args.checkpoint is None:
+        parser.error("--overwrite needs --checkpoint FILE")
+    if args.overwrite and args.resume:
+        parser.error("--resume continues --checkpoint and --overwrite replaces it; pass one")
     summary = fit_command(
         model=args.model,
         guide=args.guide,
@@ -285,6 +319,7 @@ def run(parser, args) -> int:
         checkpoint=args.checkpoint,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        overwrite=args.overwrite,
         out=args.out,
         draws=args.draws,
         distributed=args.distributed,

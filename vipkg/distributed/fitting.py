@@ -23,18 +23,33 @@ def _rank_path(path, rank: int) -> str:
     return str(p.with_name(f"{p.stem}.rank{rank}{p.suffix}"))
 
 
-def _check_resume_steps(checkpoint, rank, world, group) -> None:
-    """All ranks must resume from the same step, or their collectives would not pair up."""
-    from vipkg.checkpoint import CheckpointError, load_checkpoint
+def _check_checkpoints(checkpoint, resume, overwrite, world, group) -> None:
+    """Every rank's checkpoint must be usable before any rank starts: a rank that refused its own
+    (it exists and this is a fresh fit; it is damaged) while the others went on would leave them
+    waiting in their first collective. With ``resume``, all ranks must resume from the same step,
+    or their collectives would not pair up."""
+    from vipkg.checkpoint import CheckpointError, check_target, load_checkpoint
 
-    step = int(load_checkpoint(checkpoint)["step"]) if os.path.exists(checkpoint) else -1
-    steps = [None] * world
-    dist.all_gather_object(steps, step, group=group)
+    step, error = -1, None
+    try:
+        check_target(checkpoint, resume, overwrite)
+        if resume and os.path.exists(checkpoint):
+            step = int(load_checkpoint(checkpoint)["step"])
+    except (CheckpointError, OSError, ValueError) as err:
+        error = f"{type(err).__name__}: {err}"
+    reports = [None] * world
+    dist.all_gather_object(reports, (step, error), group=group)
+    errors = [f"rank {r}: {e}" for r, (_, e) in enumerate(reports) if e is not None]
+    if errors:
+        raise CheckpointError("; ".join(errors))
+    if not resume:
+        return
+    steps = [s for s, _ in reports]
     if len(set(steps)) != 1:
         raise CheckpointError(
             f"the ranks' checkpoints are at different steps {steps} (-1: missing), so they cannot resume "
-            f"together; a run was probably killed between writes. Delete {str(checkpoint)!r} and its "
-            ".rankN siblings to start afresh."
+            f"together; a run was probably killed between writes. Pass overwrite=True to start afresh "
+            f"(replacing {str(checkpoint)!r} and its .rankN siblings)."
         )
 
 
@@ -111,8 +126,8 @@ def fit(
         else DataParallel(estimator, group=group)
     )
     ckpt = None if checkpoint is None else _rank_path(checkpoint, rank)
-    if resume and ckpt is not None:
-        _check_resume_steps(ckpt, rank, world, group)
+    if ckpt is not None:
+        _check_checkpoints(ckpt, resume, kwargs.get("overwrite", False), world, group)
     result = _fit(
         local,
         guide,
