@@ -65,13 +65,15 @@ def test_from_pyro_rejects_changing_sites():
         Model.from_pyro(flaky).log_joint({"a": torch.zeros(2)})
 
 
-def test_from_pyro_rejects_local_latents_in_subsampled_plate():
+def test_from_pyro_local_latents_in_subsampled_plate_are_local_sites():
     def local(x):
         with pyro.plate("data", 100, subsample_size=10):
             pyro.sample("z", dist.Normal(0.0, 1.0))
 
-    with pytest.raises(ModelError, match="subsampled plate"):
-        Model.from_pyro(local, torch.zeros(3))
+    model = Model.from_pyro(local, torch.zeros(3))
+    assert model.local_sites == {"z": ("data", 0)} and model.sites["z"].shape == (100,)
+    with pytest.raises(ModelError, match="evaluated on a minibatch"):
+        model.log_joint({"z": torch.zeros(2, 100)})
 
 
 def test_from_pyro_nan_data_names_argument():

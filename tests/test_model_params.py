@@ -123,7 +123,7 @@ def test_update_estimators_refuse_model_parameters():
 def test_resume_restores_the_model_parameters(tmp_path):
     path = tmp_path / "ckpt.pt"
 
-    def run(steps, resume, model=None):
+    def run(steps, resume, model=None, overwrite=False):
         model = model or _models()["pyro"]
         guide = MeanFieldNormal(model, dtype=F64)
         r = vipkg.fit(
@@ -134,13 +134,13 @@ def test_resume_restores_the_model_parameters(tmp_path):
             checkpoint=path,
             checkpoint_every=10,
             resume=resume,
+            overwrite=overwrite,
             progress=False,
         )
         return r, model
 
     full, full_model = run(40, False)
-    path.unlink()
-    run(20, False)
+    run(20, False, overwrite=True)  # a fresh fit may replace the finished one only when told to
     resumed, resumed_model = run(40, True)  # a fresh model: its w comes from the checkpoint
     assert torch.equal(resumed.losses, full.losses)
     assert torch.equal(resumed_model.param_values()["w"], full_model.param_values()["w"])

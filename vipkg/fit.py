@@ -92,6 +92,8 @@ class FitResult:
         with seeded(seed, self.guide.device):
             z = self.guide().sample((n,))
         latents = {k: v.detach() for k, v in self.guide.constrain(self.model, z).items()}
+        if self.model.is_subsampled:
+            return latents
         return {**latents, **{k: v.detach() for k, v in self.model.deterministic(latents).items()}}
 
     def to_arviz(self, n: int = 1000, seed: int | None = 0):
@@ -99,6 +101,17 @@ class FitResult:
         from vipkg.diagnostics.arviz_adapter import to_arviz
 
         return to_arviz(self, n, seed=seed)
+
+
+def _check_goes_through_parts(estimator, model) -> None:
+    from vipkg.estimators.base import IncompatibleEstimatorError
+
+    if not getattr(estimator, "trains_model_params", getattr(estimator, "composable", False)):
+        raise IncompatibleEstimatorError(
+            f"model {model.name!r} has local latent sites {sorted(model.local_sites)} in subsampled "
+            f"plate(s) {sorted(model.plates)}, fitted one minibatch at a time; {estimator!r} owns a "
+            "whole-data step and cannot. Use Reparam, STL, ScoreFunction, RSVI, GumbelSoftmax or PerSite."
+        )
 
 
 def _check_trains_model(estimator, model) -> None:
@@ -197,6 +210,7 @@ def fit(
     checkpoint=None,
     checkpoint_every: int = 500,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool | None = None,
     check_every: int = 50,
     callback=None,
@@ -247,6 +261,12 @@ def fit(
         follows the same trajectory as an uninterrupted one with the same seed.
         The guide must be built as for the original run; the checkpoint must come
         from a fit with the same seed, estimator, objective and particle count.
+        Without ``resume`` (and without ``overwrite``) an existing ``checkpoint`` is
+        refused with :class:`~vipkg.checkpoint.CheckpointError`: a fresh fit never
+        replaces a saved one by accident.
+    overwrite : bool
+        Start afresh even though ``checkpoint`` exists; the old file (and the previous
+        checkpoint kept beside it) is replaced at the first write, not before.
     progress : bool, optional
         tqdm bar; default on for a terminal or notebook, off under CI.
     check_every : int
@@ -269,21 +289,41 @@ def fit(
     ------
     NonFiniteLossError
         When a loss is NaN or infinite, naming the step and the estimator.
+    TypeError
+        When ``guide``, ``estimator`` or ``objective`` is a class, not an instance.
+    CheckpointError
+        When ``checkpoint`` exists and neither ``resume`` nor ``overwrite`` is given, or
+        when the checkpoint to resume from is damaged or belongs to another fit.
 
     References
     ----------
     .. [1] Ranganath, R., Gerrish, S., Blei, D. M. "Black Box Variational Inference".
        AISTATS (2014).
     """
+    _check_instances(guide, estimator, objective)
     objective = objective or ELBO()
     _check_arguments(steps, num_particles, objective, lr, check_every, checkpoint_every, resume, checkpoint)
+    if checkpoint is not None:
+        from vipkg.checkpoint import check_target
+
+        check_target(checkpoint, resume, overwrite)
+    elif overwrite:
+        raise ValueError("overwrite=True needs checkpoint=<path> to overwrite.")
     if nan_policy not in ("raise", "skip"):
         raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}.")
     if device is not None:
         guide.to(device)
     device = guide.device
     model = model.to(device=device, dtype=guide.dtype)
-    estimator.check(model, guide, objective)
+    if model.is_subsampled:
+        _check_goes_through_parts(estimator, model)
+        from vipkg.guides.minibatch import draw_minibatch
+
+        # Check against a minibatch (the only thing the estimator will see), off the fit's RNG stream.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            estimator.check(*draw_minibatch(model, guide), objective)
+    else:
+        estimator.check(model, guide, objective)
     estimator.check_particles(num_particles)
     params = list(guide.parameters())
     if model.has_parameters:
@@ -350,6 +390,21 @@ def fit(
         num_particles=num_particles,
         skipped_steps=state.skipped,
     )
+
+
+def _check_instances(guide, estimator, objective) -> None:
+    """A class where an instance belongs (``vipkg.Reparam`` for ``vipkg.Reparam()``) fails late, with
+    a message about a missing ``self`` argument; say what to pass instead."""
+    for what, value, call in (
+        ("guide", guide, "(model)"),
+        ("estimator", estimator, "()"),
+        ("objective", objective, "()"),
+    ):
+        if isinstance(value, type):
+            raise TypeError(
+                f"fit: {what} is the class {value.__name__}, not an instance of it; pass an instance: "
+                f"{value.__name__}{call}."
+            )
 
 
 def _check_arguments(steps, num_particles, objective, lr, check_every, checkpoint_every, resume, checkpoint):
@@ -520,10 +575,14 @@ class RecordGradientVariance(Hook):
 
 
 class Checkpoint(Hook):
-    """Atomic checkpoints every ``every`` steps and at the end; :meth:`restore` resumes from one."""
+    """Atomic, checksummed checkpoints every ``every`` steps and at the end; :meth:`restore` resumes
+    from one. Each write keeps the checkpoint it replaces as ``<path>.prev``, except the first write
+    of a fresh fit, which replaces another fit's files (``fit(overwrite=True)``)."""
 
     def __init__(self, path, every: int):
         self.path, self.every = path, every
+        # Whether the file at path is this fit's own (restored from, or written by it).
+        self.owns_file = False
 
     def identity(self, state) -> dict:
         return {
@@ -553,7 +612,13 @@ class Checkpoint(Hook):
                 f"checkpoint {str(self.path)!r} is at step {step}, past steps={state.steps}; "
                 f"pass steps >= {step} to continue it."
             )
-        state.guide.load_state_dict(saved["guide"])
+        try:
+            state.guide.load_state_dict(saved["guide"])
+        except RuntimeError as err:
+            raise ckpt.CheckpointError(
+                f"checkpoint {str(self.path)!r}: its guide state does not fit this guide ({err}); build the "
+                "guide as for the fit that wrote it, or start afresh with overwrite=True."
+            ) from err
         _load_model_params(state.model, saved.get("model_params", {}), self.path)
         try:
             state.optimizer.load_state_dict(saved["optimizer"])
@@ -573,6 +638,7 @@ class Checkpoint(Hook):
         _set_rng_state(saved["rng"], state.device)
         if saved.get("diagnostics"):
             state.diagnostics = ckpt.diagnostics_from_state(saved["diagnostics"])
+        self.owns_file = True
 
     def next_stop(self, state):
         return _every(self.every, state)
@@ -600,7 +666,9 @@ class Checkpoint(Hook):
                 "skipped_steps": state.skipped,
                 "diagnostics": ckpt.diagnostics_to_state(state.diagnostics),
             },
+            keep_previous=self.owns_file,
         )
+        self.owns_file = True
 
 
 def _load_model_params(model, saved: dict, path) -> None:
@@ -678,6 +746,14 @@ def _make_step(state: FitState, nan_policy: str, compile: bool):
 
     def step_fn():
         return est.step(model, guide, obj, S, opt).loss
+
+    if model.is_subsampled:
+        from vipkg.guides.minibatch import draw_minibatch
+
+        def step_fn():
+            # A fresh minibatch from the fit's (seeded, checkpointed) RNG stream every step.
+            mb, gb = draw_minibatch(model, guide)
+            return est.step(mb, gb, obj, S, opt).loss
 
     if nan_policy == "skip":
         step_fn = _undo_if_not_finite(step_fn, state.params, opt)

@@ -18,7 +18,10 @@ import torch
 from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import Transform
 
-__all__ = ["Model", "Site", "ModelError"]
+__all__ = ["Model", "Site", "Plate", "ModelError"]
+
+#: Data key under which a minibatch view carries a subsampled plate's indices.
+SUBSAMPLE_KEY = "_subsample:"
 
 LogJointFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
 
@@ -49,6 +52,22 @@ class Site:
     @property
     def is_discrete(self) -> bool:
         return bool(getattr(self.support, "is_discrete", False))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plate:
+    """A subsampled plate of local latent sites: ``size`` data points, ``subsample_size`` per step.
+
+    Parameters
+    ----------
+    size : int
+        Number of data points (the full size of the plate).
+    subsample_size : int
+        Data points per minibatch.
+    """
+
+    size: int
+    subsample_size: int
 
 
 def _check_data(data: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -115,6 +134,13 @@ class Model:
     param_transforms : mapping of str to Transform, optional
         For parameters stored unconstrained, the map to their constrained value
         (:meth:`param_values` applies it; Pyro's ``pyro.param(..., constraint=)``).
+    plates : mapping of str to Plate, optional
+        Subsampled plates that hold local latent sites.
+    local_sites : mapping of str to (str, int), optional
+        For each local latent site, its plate and the axis of its shape that the
+        plate indexes (the site's shape has the plate's full ``size`` there).
+        The log joint of such a model is evaluated on minibatches
+        (:meth:`minibatch`), never on all the data at once.
     per_datum : tuple of str, optional
         Entries of ``data`` whose leading dimension indexes data points, when the log
         joint is the prior plus a sum over those rows with global latents only (zero
@@ -152,6 +178,8 @@ class Model:
         deterministic: Callable | None = None,
         params: Mapping[str, torch.Tensor] | torch.nn.Module | None = None,
         param_transforms: Mapping[str, Transform] | None = None,
+        plates: Mapping[str, Plate] | None = None,
+        local_sites: Mapping[str, tuple[str, int]] | None = None,
     ):
         if not sites:
             raise ModelError(f"model {name!r} has no latent sites; there is nothing to infer.")
@@ -175,6 +203,18 @@ class Model:
                     f"nn.Parameter), got {type(p).__name__}."
                 )
         self._param_transforms = dict(param_transforms or {})
+        self.plates: dict[str, Plate] = dict(plates or {})
+        self.local_sites: dict[str, tuple[str, int]] = dict(local_sites or {})
+        for k, (plate, axis) in self.local_sites.items():
+            if plate not in self.plates or k not in self.sites:
+                raise ModelError(f"model {name!r}: local site {k!r} names unknown plate {plate!r} or site.")
+            if self.sites[k].shape[axis] != self.plates[plate].size:
+                raise ModelError(
+                    f"model {name!r}: local site {k!r} has shape {tuple(self.sites[k].shape)}, whose axis "
+                    f"{axis} should be plate {plate!r}'s size {self.plates[plate].size}."
+                )
+        #: The full model this one is a minibatch of (None for a full model).
+        self.minibatch_of: Model | None = None
         #: How a Pyro program's particles are evaluated (``"plate"`` or ``"loop"``), shared with copies.
         self._vectorization: dict | None = None
         unknown = [k for k in self.per_datum if k not in self.data]
@@ -229,6 +269,70 @@ class Model:
         self._require_continuous("dim")
         return sum(self._split)
 
+    @property
+    def is_subsampled(self) -> bool:
+        """Whether the model has local latent sites in subsampled plates (see :meth:`minibatch`)."""
+        return bool(self.local_sites)
+
+    def _require_minibatch(self, what: str) -> None:
+        if self.local_sites:
+            raise ModelError(
+                f"model {self.name!r} has local latent sites {sorted(self.local_sites)} in subsampled "
+                f"plate(s) {sorted(self.plates)}: `{what}` is evaluated on a minibatch, "
+                "model.minibatch(model.subsample_indices()) (vipkg.fit does this every step)."
+            )
+
+    def subsample_indices(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """One minibatch per subsampled plate: ``{plate: LongTensor[subsample_size]}`` drawn without
+        replacement from torch's generator (so a seeded fit draws the same minibatches on resume)."""
+        device = next(iter(self.data.values())).device if self.data else None
+        return {
+            name: torch.randperm(p.size, generator=generator, device=device)[: p.subsample_size]
+            for name, p in self.plates.items()
+        }
+
+    def minibatch(self, indices: Mapping[str, torch.Tensor]) -> Model:
+        """The model on one minibatch: local sites have ``subsample_size`` rows (those of
+        ``indices``) and the log joint is the unbiased estimate of the full one (the
+        minibatch's terms scaled by ``size / subsample_size``, as ``pyro.plate`` does).
+
+        Parameters
+        ----------
+        indices : mapping of str to LongTensor
+            For every subsampled plate, the data points of the minibatch.
+        """
+        if not self.local_sites:
+            return self
+        if set(indices) != set(self.plates):
+            raise ModelError(
+                f"model {self.name!r}: minibatch takes indices for plates {sorted(self.plates)}, got "
+                f"{sorted(indices)}."
+            )
+        data = dict(self.data)
+        for name, idx in indices.items():
+            plate = self.plates[name]
+            if idx.dim() != 1 or idx.shape[0] != plate.subsample_size or idx.is_floating_point():
+                raise ModelError(
+                    f"model {self.name!r}: plate {name!r} takes {plate.subsample_size} integer indices per "
+                    f"minibatch, got a {idx.dtype} tensor of shape {tuple(idx.shape)}."
+                )
+            data[SUBSAMPLE_KEY + name] = idx
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.data = data
+        new.sites = dict(self.sites)
+        for k, (plate, axis) in self.local_sites.items():
+            shape = list(self.sites[k].shape)
+            shape[axis] = self.plates[plate].subsample_size
+            new.sites[k] = Site(torch.Size(shape), self.sites[k].support)
+        new._ushapes = {
+            k: torch.Size(t.inverse_shape(new.sites[k].shape)) for k, t in self._transforms.items()
+        }
+        new._split = [math.prod(new._ushapes[k]) for k in new._ushapes]
+        new.local_sites = {}
+        new.minibatch_of = self
+        return new
+
     def _require_continuous(self, what: str) -> None:
         if self._discrete:
             raise ModelError(
@@ -281,6 +385,7 @@ class Model:
     # --------------------------------------------------------------- log joint
     def log_joint(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """log p(x, z) per particle for constrained latents ``{site: Tensor[S, *shape]}``."""
+        self._require_minibatch("log_joint")
         out = self._fn(dict(latents), self.data)
         first = next(iter(latents.values()))
         S = first.shape[0]
@@ -304,6 +409,7 @@ class Model:
                 f"model {self.name!r} does not expose its log joint split into terms; build it with "
                 "log_joint_terms= and term_sites= (Pyro models do this automatically)."
             )
+        self._require_minibatch("log_joint_terms")
         return self._terms_fn(dict(latents), self.data)
 
     def log_joint_unconstrained(self, u: torch.Tensor) -> torch.Tensor:
@@ -359,12 +465,14 @@ class Model:
         """Per-datum log likelihoods ``{observed: Tensor[S, N]}``; empty when the model has none."""
         if self.pointwise_log_likelihood_fn is None:
             return {}
+        self._require_minibatch("pointwise_log_likelihood")
         return self.pointwise_log_likelihood_fn(dict(latents), self.data)
 
     def deterministic(self, latents: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Derived quantities ``{name: Tensor[S, *shape]}`` (``pyro.deterministic`` sites); may be empty."""
         if self._deterministic_fn is None:
             return {}
+        self._require_minibatch("deterministic")
         return self._deterministic_fn(dict(latents), self.data)
 
     @property

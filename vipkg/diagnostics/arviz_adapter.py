@@ -105,9 +105,20 @@ def to_arviz(result, n: int = 1000, seed: int | None = 0):
     ``psis_log_weight`` per draw; only ``log_p`` for particles),
     ``log_likelihood`` (when the model has per-datum terms), ``observed_data``
     (when known) and ``optimization`` (loss per step, gradient variance per
-    recorded step, elapsed seconds, estimator name).
+    recorded step, elapsed seconds, estimator name). For a model with local sites in
+    subsampled plates, whose log joint exists per minibatch only, ``posterior``,
+    ``observed_data`` and ``optimization``.
     """
     model, guide = result.model, result.guide
+    if model.is_subsampled:
+        # The log joint of a model with local sites exists per minibatch only: export the draws.
+        with seeded(seed, guide.device):
+            draws = result.sample(n)
+        groups = {"posterior": {k: _np(v)[None] for k, v in draws.items()}}
+        if getattr(model, "observed", None):
+            groups["observed_data"] = {k: _np(v) for k, v in model.observed.items()}
+        groups["optimization"] = _optimization_group(result)
+        return from_dict(groups)
     if getattr(guide, "is_empirical", False):
         # A particle approximation is its particles: export each one as a draw (``n`` is
         # ignored) and no log q, which point masses do not have.

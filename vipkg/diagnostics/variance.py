@@ -49,7 +49,8 @@ def gradient_samples(
     Returns
     -------
     dict of str to Tensor
-        ``{name: Tensor[repeats, *param.shape]}`` keyed by ``guide.named_parameters()``
+        For a model with local sites in subsampled plates, each repeat also draws its
+        minibatch. ``{name: Tensor[repeats, *param.shape]}`` keyed by ``guide.named_parameters()``
         and, for a model with parameters of its own, ``"model." + name``;
         each row is what one :meth:`~vipkg.estimators.Estimator.estimate` wrote into
         ``.grad`` (the gradient of minus the bound). The guide's parameters,
@@ -63,7 +64,10 @@ def gradient_samples(
     objective = _default_objective(objective)
     if not isinstance(repeats, int) or repeats < 2:
         raise ValueError(f"repeats must be an int >= 2 to measure variance, got {repeats!r}.")
-    estimator.check(model, guide, objective)
+    from vipkg.guides.minibatch import draw_minibatch
+
+    with torch.random.fork_rng(devices=[]):
+        estimator.check(*draw_minibatch(model, guide), objective)
     estimator.check_particles(num_particles)
     params = dict(guide.named_parameters())
     own = {f"model.{k}": p for k, p in model.named_parameters()}
@@ -78,7 +82,8 @@ def gradient_samples(
                 for p in own.values():
                     # estimate replaces the guide's .grad; the model's would accumulate.
                     p.grad = None
-                estimator.estimate(model, guide, objective, num_particles)
+                # A model with local sites: each estimate on a fresh minibatch, as in a fit.
+                estimator.estimate(*draw_minibatch(model, guide), objective, num_particles)
                 for n, p in params.items():
                     if p.grad is not None:
                         out[n][r] = p.grad.detach()

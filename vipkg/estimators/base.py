@@ -306,6 +306,22 @@ def _named_extras(key: str, extras: dict) -> dict:
     return {f"{key}.{k}": v.detach() for k, v in extras.items()}
 
 
+def _scaled(family, draw: Draw) -> Draw:
+    """A minibatch view's draw with its ``log q`` scaled like the model's minibatch terms.
+
+    The views of :mod:`vipkg.guides.minibatch` report ``log_q_scale = size / subsample_size``.
+    The bound's ``log q`` and each score term's cost are scaled; the score's own ``log_prob`` is
+    not, so a local factor's gradient is ``scale * grad log q_i * (its unscaled cost)``, the
+    unbiased estimate for the full data (each data point is in a minibatch with probability
+    ``1 / scale``).
+    """
+    c = getattr(family, "log_q_scale", None)
+    if c is None:
+        return draw
+    terms = tuple(dataclasses.replace(t, log_q=t.log_q * c) for t in draw.score_terms)
+    return Draw(draw.latents, draw.log_q * c, terms)
+
+
 def estimate_parts(model, guide, objective, num_particles: int, parts) -> StepInfo:
     """The one surrogate builder: the gradient of the loss from the Draws of one or more families.
 
@@ -347,7 +363,7 @@ def estimate_parts(model, guide, objective, num_particles: int, parts) -> StepIn
     n = math.prod(shape)
     for p in parts:
         p.estimator.check_particles(num_particles)
-    draws = [p.estimator.draw(p.family, p.model, shape) for p in parts]
+    draws = [_scaled(p.family, p.estimator.draw(p.family, p.model, shape)) for p in parts]
     latents, log_q = {}, None
     for d in draws:
         latents.update(d.latents)

@@ -136,7 +136,9 @@ class PerSite(Estimator):
                 f"PerSite combines the parts of a Composite guide, got {type(guide).__name__}; use the "
                 "part's own estimator for a single family."
             )
-        if self._bound is not None and self._bound[0] == id(guide):
+        # A minibatch view stands for its guide: the part estimators (and their state) are the guide's.
+        base = getattr(guide, "minibatch_of", None) or guide
+        if self._bound is not None and self._bound[0] == id(base):
             return self._bound[1]
         by_set = {frozenset(sites): i for i, sites in enumerate(guide.part_sites)}
         chosen: dict[int, Estimator] = {}
@@ -158,7 +160,7 @@ class PerSite(Estimator):
             if est is None:
                 est = default_part_estimator(family)
             resolved.append((tuple(sites), est))
-        self._bound = (id(guide), resolved)
+        self._bound = (id(base), resolved)
         for sites, est in resolved:
             state = self._pending.pop(_name(sites), None)
             if state is not None:

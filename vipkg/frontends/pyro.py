@@ -26,7 +26,7 @@ import warnings
 import torch
 from torch.distributions import constraints, transform_to
 
-from vipkg.model import ModelError, Site, _check_data
+from vipkg.model import SUBSAMPLE_KEY, ModelError, Plate, Site, _check_data
 
 __all__ = ["pyro_model", "PyroVectorizationWarning", "PyroProgramWarning"]
 
@@ -246,6 +246,8 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
     observed: dict[str, torch.Tensor] = {}
     deterministic: dict[str, torch.Size] = {}
     enumerated = []
+    plates: dict[str, Plate] = {}
+    local_sites: dict[str, tuple[str, int]] = {}
     nesting = 0
     for site_name, site in trace.nodes.items():
         if not _is_sample(site):
@@ -273,16 +275,26 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
         if site["is_observed"]:
             observed[site_name] = site["value"]
             continue
-        for frame in site["cond_indep_stack"]:
-            full = getattr(frame, "full_size", None)
-            if full is not None and full != frame.size:
-                raise ModelError(
-                    f"Pyro model {name!r}: latent site {site_name!r} lies in the subsampled plate "
-                    f"{frame.name!r} ({frame.size} of {full}); local latent variables in a "
-                    "subsampled plate are not supported. Subsample only plates of observed sites."
-                )
         sites[site_name] = Site(torch.Size(site["value"].shape), dist.support)
         event_dims[site_name] = len(dist.event_shape)
+        for frame in site["cond_indep_stack"]:
+            full = getattr(frame, "full_size", None)
+            if full is None or full == frame.size:
+                continue
+            if not frame.vectorized or frame.dim is None:
+                raise ModelError(
+                    f"Pyro model {name!r}: latent site {site_name!r} lies in the subsampled sequential "
+                    f"plate {frame.name!r}; local latents need a vectorized pyro.plate(..., subsample_size=)."
+                )
+            # A local latent: the model's site has the plate's full size, each step a minibatch.
+            axis = len(site["value"].shape) - event_dims[site_name] + frame.dim
+            if axis < 0:
+                raise ModelError(
+                    f"Pyro model {name!r}: local site {site_name!r} has no dimension for its plate "
+                    f"{frame.name!r} (dim={frame.dim}); its value has shape {tuple(site['value'].shape)}."
+                )
+            plates[frame.name] = Plate(full, frame.size)
+            local_sites[site_name] = (frame.name, axis)
     if not sites:
         raise ModelError(f"Pyro model {name!r} has no latent sample sites; there is nothing to infer.")
     if enumerated:
@@ -300,6 +312,11 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
 
     def call_args(data):
         return [_rebuild(s, data) for s in arg_spec], {k: _rebuild(s, data) for k, s in kw_spec.items()}
+
+    def subsample(data):
+        # A minibatch view carries its plates' indices in its data; conditioning a plate's
+        # subsample site on them makes pyro.plate use (and scale by) that minibatch.
+        return {k[len(SUBSAMPLE_KEY) :]: v for k, v in data.items() if k.startswith(SUBSAMPLE_KEY)}
 
     def check_fresh(tr):
         # Conditioned latents show up as observed; an unobserved site is one the
@@ -329,6 +346,7 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
             with pyro.plate(_PARTICLE_PLATE, S, dim=particle_dim):
                 return fn(*a, **kw)
 
+        cond.update(subsample(data))
         tr = poutine.trace(poutine.condition(plated, data=cond)).get_trace(*a, **kw)
         check_fresh(tr)
         tr.compute_log_prob(lambda _, site: _is_scored(site))
@@ -337,7 +355,7 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
     def one_particle(values, data):
         """Pyro's own trace of the program at one particle's values: what every output needs."""
         a, kw = call_args(data)
-        tr = poutine.trace(poutine.condition(fn, data=values)).get_trace(*a, **kw)
+        tr = poutine.trace(poutine.condition(fn, data={**values, **subsample(data)})).get_trace(*a, **kw)
         check_fresh(tr)
         tr.compute_log_prob(lambda _, site: _is_scored(site))
         return {
@@ -531,8 +549,13 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
         term_sites = _dependencies(fn, args, kwargs, latent_names)
         term_sites = {n: term_sites.get(n, latent_names) for n in scored}
 
+    full_sites = dict(sites)
+    for k, (plate, axis) in local_sites.items():
+        shape = list(sites[k].shape)
+        shape[axis] = plates[plate].size
+        full_sites[k] = Site(torch.Size(shape), sites[k].support)
     model = cls(
-        sites,
+        full_sites,
         log_joint,
         log_joint_terms=None if term_sites is None else terms,
         term_sites=term_sites,
@@ -543,6 +566,8 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
         observed={k: v.detach() for k, v in observed.items()},
         deterministic=deterministic_values if deterministic else None,
         params=dict(param_state["params"]),
+        plates=plates,
+        local_sites=local_sites,
         param_transforms={
             k: transform_to(param_state["constraints"].get(k, constraints.real))
             for k in param_state["params"]

@@ -217,15 +217,24 @@ class Composite(Guide):
         )
         from vipkg.guides.gaussian import MeanFieldNormal
 
-        if model.is_continuous:
+        if model.is_continuous and not getattr(model, "local_sites", None):
             raise ValueError(
                 f"Composite.auto: model {model.name!r} has no discrete sites; use a family over the "
                 "unconstrained vector (MeanFieldNormal, FullRankNormal, Flow) with Reparam directly."
             )
         parts = {}
-        continuous = tuple(k for k, s in model.sites.items() if not s.is_discrete)
+        local = getattr(model, "local_sites", {})
+        continuous = tuple(k for k, s in model.sites.items() if not s.is_discrete and k not in local)
         if continuous:
             parts[continuous] = continuous_guide or MeanFieldNormal
+        for plate in getattr(model, "plates", {}):
+            # Local sites of a subsampled plate get a mean-field part of their own, which a
+            # minibatch view can index (see vipkg.guides.minibatch).
+            mine = tuple(
+                k for k, s in model.sites.items() if not s.is_discrete and local.get(k, ("",))[0] == plate
+            )
+            if mine:
+                parts[mine] = MeanFieldNormal
         for k, s in model.sites.items():
             if not s.is_discrete:
                 continue

@@ -1,0 +1,155 @@
+"""Minibatch views of guides over local latent sites (sites in subsampled plates).
+
+A model with local sites (:attr:`vipkg.Model.local_sites`) is fitted one minibatch
+at a time: :meth:`vipkg.Model.minibatch` gives the model on the minibatch's rows,
+and :func:`minibatch_guide` the guide on the same rows. A view shares the guide's
+parameters (``view.parameters()`` are the guide's own tensors) and reads the
+minibatch's rows of each local parameter by indexing, inside the autograd graph,
+so an estimate on the view fills the guide's ``.grad`` (zero for rows outside the
+minibatch), like Pyro's ``AutoNormal`` under subsampling.
+
+A view over local sites reports ``log_q_scale = size / subsample_size``: the
+surrogate builder multiplies the part's ``log q`` by it, the counterpart of the
+model's minibatch scaling, so that the bound and every estimator that goes through
+it stay unbiased for the full data.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from vipkg.model import Model, ModelError
+
+__all__ = ["minibatch_guide", "draw_minibatch"]
+
+
+def _take_flat(flat, shapes, axes, indices):
+    """Rows ``indices[site]`` along ``axes[site]`` of every site in a flat ``[..., numel]`` layout."""
+    batch = flat.shape[:-1]
+    sizes = [max(1, int(torch.Size(s).numel())) for s in shapes.values()]
+    parts = flat.split(sizes, dim=-1) if len(sizes) > 1 else (flat,)
+    out = []
+    for (k, shape), part in zip(shapes.items(), parts):
+        v = part.reshape(*batch, *shape)
+        if k in axes:
+            v = v.index_select(len(batch) + axes[k], indices[k])
+        out.append(v.reshape(*batch, -1))
+    return torch.cat(out, -1) if len(out) > 1 else out[0]
+
+
+def _rules():
+    from vipkg.guides.discrete import Bernoulli, Categorical, OneHotCategorical
+    from vipkg.guides.gaussian import MeanFieldNormal
+    from vipkg.guides.positive import Beta, Dirichlet, Gamma
+
+    return (
+        # (families, attributes, layout): "unconstrained" = flat over the sub-model's unconstrained
+        # vector, "sites" = flat over the named sites, "per_site" = a dict {site: [*shape, ...]}.
+        ((MeanFieldNormal,), ("loc", "raw_scale"), "unconstrained"),
+        ((Bernoulli,), ("logits",), "sites"),
+        ((Gamma, Dirichlet), ("raw_concentration", "raw_rate"), "sites"),
+        ((Beta,), ("raw_concentration1", "raw_concentration0"), "sites"),
+        ((Categorical, OneHotCategorical), ("raw_logits",), "per_site"),
+    )
+
+
+def family_view(guide, sub: Model, sub_b: Model, indices: dict[str, torch.Tensor]):
+    """``guide`` (one family over the sites of ``sub``) on a minibatch (``sub_b``'s rows)."""
+    local = [k for k in sub.sites if k in sub.local_sites]
+    if not local:
+        return guide
+    plates = {sub.local_sites[k][0] for k in local}
+    if len(local) != len(sub.sites) or len(plates) != 1:
+        raise ModelError(
+            f"{type(guide).__name__} covers sites {list(sub.sites)}, mixing local sites {local} (in "
+            f"subsampled plates {sorted(plates)}) with others: a family over local sites must cover "
+            "only the local sites of one plate. Use Composite(model, {global sites: family, local "
+            "sites: MeanFieldNormal or a discrete family})."
+        )
+    (plate,) = plates
+    axes = {k: sub.local_sites[k][1] for k in local}
+    rows = {k: indices[plate] for k in local}
+    rule = next(((a, lay) for fams, a, lay in _rules() if isinstance(guide, fams)), None)
+    if rule is None:
+        raise ModelError(
+            f"{type(guide).__name__} cannot guide the local sites {local} of subsampled plate {plate!r}: "
+            "its parameters couple the plate's data points. Use a family that factorizes over them "
+            "(MeanFieldNormal, Gamma, Beta, Dirichlet, Categorical, OneHotCategorical, Bernoulli)."
+        )
+    attrs, layout = rule
+    view = copy.copy(guide)  # shares _parameters / _modules: the view's parameters are the guide's
+    for attr in attrs:
+        if not hasattr(guide, attr):
+            continue
+        value = getattr(guide, attr)
+        if layout == "per_site":
+            view.__dict__[attr] = {k: value[k].index_select(axes[k], rows[k]) for k in guide.site_names}
+        elif layout == "sites":
+            view.__dict__[attr] = _take_flat(value, guide.site_shapes, axes, rows)
+        else:
+            view.__dict__[attr] = _take_flat(value, sub._ushapes, axes, rows)
+    if layout == "unconstrained":
+        view.dim = sub_b.dim
+    else:
+        view.site_shapes = {k: torch.Size(sub_b.sites[k].shape) for k in guide.site_names}
+        view._numels = [max(1, int(s.numel())) for s in view.site_shapes.values()]
+        view.numel = sum(view._numels)
+    p = sub.plates[plate]
+    view.log_q_scale = p.size / p.subsample_size
+    # Not setattr: a Module value would be registered in the _modules the view shares with ``guide``.
+    view.__dict__["minibatch_of"] = guide
+    return view
+
+
+def minibatch_guide(guide, model: Model, model_b: Model, indices: dict[str, torch.Tensor]):
+    """The guide of ``model`` on the minibatch ``model_b = model.minibatch(indices)``.
+
+    A :class:`~vipkg.guides.Composite` gets a view of each part over local sites; a
+    single family must cover only local sites of one plate.
+    """
+    from vipkg.guides.composite import Composite
+
+    if isinstance(guide, Composite):
+        view = copy.copy(guide)
+        subs, parts = [], []
+        for g, sub, sites in zip(guide.parts, guide.sub_models, guide.part_sites):
+            if any(s in model.local_sites for s in sites):
+                full = _local_sub_model(model, sites)
+                sub_b = Composite.sub_model(model_b, sites)
+                parts.append(family_view(g, full, sub_b, indices))
+                subs.append(sub_b)
+            else:
+                parts.append(g)
+                subs.append(sub)
+        # Plain lists shadow the ModuleList in the view only; the guide keeps its parts.
+        view.__dict__["parts"] = parts
+        view.sub_models = subs
+        view.__dict__["minibatch_of"] = guide
+        return view
+    return family_view(guide, model, model_b, indices)
+
+
+def _local_sub_model(model: Model, sites) -> Model:
+    from vipkg.guides.composite import _no_log_joint
+
+    local = {s: model.local_sites[s] for s in sites if s in model.local_sites}
+    plates = {p: model.plates[p] for p, _ in local.values()}
+    return Model(
+        {s: model.sites[s] for s in sites},
+        _no_log_joint,
+        name=f"{model.name}[{','.join(sites)}]",
+        plates=plates,
+        local_sites=local,
+    )
+
+
+def draw_minibatch(model: Model, guide, generator: torch.Generator | None = None):
+    """``(model_b, guide_b)``: a fresh minibatch of ``model`` (torch's generator) and ``guide`` on it;
+    ``(model, guide)`` itself for a model without local sites."""
+    if not model.is_subsampled:
+        return model, guide
+    indices = model.subsample_indices(generator)
+    model_b = model.minibatch(indices)
+    return model_b, minibatch_guide(guide, model, model_b, indices)
