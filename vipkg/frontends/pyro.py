@@ -171,6 +171,11 @@ def _sizes_in(trace, data) -> set[int]:
 
 _PATTERNS = (
     (
+        ("AssertionError",),
+        "an assertion on a latent's shape (e.g. `assert a.shape == ()`); particles add leading dims, "
+        "so assert on trailing dims (`a.shape[-1:]`)",
+    ),
+    (
         ("index", "indices", "gather"),
         "indexing a tensor with a latent value (e.g. `locs[z]`); use "
         "`pyro.ops.indexing.Vindex(locs)[..., z]` or index with `...` so batch dims pass through",
@@ -449,7 +454,8 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
                 # program's own (a dtype mix, a bad value), not the batching's, and it is the user's.
                 torch.manual_seed(_CHECK_SEED)
                 particle_loop(latents, data, which=which[:1])
-                return f"{type(exc).__name__}: {str(exc).splitlines()[0]}", recorder.where()
+                first = (str(exc).splitlines() or ["(no message)"])[0]
+                return f"{type(exc).__name__}: {first}", recorder.where()
             refs = []
             for i in which:
                 torch.manual_seed(_CHECK_SEED)
