@@ -82,6 +82,8 @@ DEFERRED = {
     "guide_classes, re-exported lazily (the CLI imports vipkg.distributed)",
     ("vipkg.models.gp_classification", "vipkg.gp"): "Gauss-Hermite nodes and the stable log Phi of "
     "the GPyTorch front-end, for the hand-written GP log density",
+    ("vipkg.models.vae", "vipkg.guides.amortized"): "the VAEs' default amortized guides (an MLP encoder), "
+    "built by vae_digits_guide / categorical_vae_digits_guide",
 }
 
 

@@ -151,6 +151,27 @@ def _candidates():
         mixture = ZOO["discrete_mixture"](n=6, **f64)
         out.append((mixture, lambda m: guides.Composite(m, parts, **f64)))
     out.append((_one_hot_model(), lambda m: guides.OneHotCategorical(m, **f64)))
+    if hasattr(guides, "AmortizedNormal"):
+        # Amortized families on models without subsampling: each site's first dimension is the datum,
+        # the encoder reads one row of a data tensor per datum.
+        def rows(n):
+            return torch.linspace(-1.0, 1.0, 2 * n, dtype=torch.float64).reshape(n, 2)
+
+        def enc(k):
+            return torch.nn.Linear(2, k, dtype=torch.float64)
+
+        out += [
+            (gaussian, lambda m: guides.AmortizedNormal(m, enc(2), data=rows(3))),
+            (
+                _discrete_model(constraints.integer_interval(0, 3)),
+                lambda m: guides.AmortizedCategorical(m, enc(4), data=rows(2)),
+            ),
+            (
+                _discrete_model(constraints.boolean),
+                lambda m: guides.AmortizedBernoulli(m, enc(1), data=rows(2)),
+            ),
+            (_one_hot_model(), lambda m: guides.AmortizedOneHotCategorical(m, enc(4), data=rows(2))),
+        ]
     return out
 
 

@@ -1,5 +1,11 @@
 """Variational families: ``torch.nn.Module`` subclasses whose call returns a Distribution."""
 
+from vipkg.guides.amortized import (
+    AmortizedBernoulli,
+    AmortizedCategorical,
+    AmortizedNormal,
+    AmortizedOneHotCategorical,
+)
 from vipkg.guides.base import Guide
 from vipkg.guides.composite import Composite
 from vipkg.guides.discrete import Bernoulli, Categorical, OneHotCategorical
@@ -28,6 +34,10 @@ __all__ = [
     "OneHotCategorical",
     "Bernoulli",
     "Composite",
+    "AmortizedNormal",
+    "AmortizedCategorical",
+    "AmortizedOneHotCategorical",
+    "AmortizedBernoulli",
     "Particles",
     "Empirical",
     "MirrorMap",

@@ -266,10 +266,22 @@ class Composite(Guide):
 
     @staticmethod
     def sub_model(model, sites) -> Model:
-        """A model over ``sites`` only (for the families' shapes and unconstrained views)."""
-        return Model(
-            {s: model.sites[s] for s in sites}, _no_log_joint, name=f"{model.name}[{','.join(sites)}]"
+        """A model over ``sites`` only (for the families' shapes and unconstrained views).
+
+        It keeps the subsampled plates of those sites (``plates``, ``local_sites``) and
+        shares the model's ``data``, which amortized families read their inputs from.
+        """
+        local = {s: model.local_sites[s] for s in sites if s in getattr(model, "local_sites", {})}
+        sub = Model(
+            {s: model.sites[s] for s in sites},
+            _no_log_joint,
+            name=f"{model.name}[{','.join(sites)}]",
+            plates={p: model.plates[p] for p, _ in local.values()},
+            local_sites=local,
         )
+        # The model's own (already checked) data, shared: no copy and no check per call.
+        sub.data = model.data
+        return sub
 
     @staticmethod
     def _check_covers(guide, sub, key):

@@ -55,8 +55,13 @@ def _rules():
     )
 
 
-def family_view(guide, sub: Model, sub_b: Model, indices: dict[str, torch.Tensor]):
-    """``guide`` (one family over the sites of ``sub``) on a minibatch (``sub_b``'s rows)."""
+def family_view(guide, sub: Model, sub_b: Model, indices: dict[str, torch.Tensor], data=None):
+    """``guide`` (one family over the sites of ``sub``) on a minibatch (``sub_b``'s rows).
+
+    A family with a ``minibatch_view(index, data)`` method (the amortized families of
+    :mod:`vipkg.guides.amortized`) makes its own view from the plate's indices and the
+    minibatch model's ``data`` (default ``sub_b.data``); the others index their parameters.
+    """
     local = [k for k in sub.sites if k in sub.local_sites]
     if not local:
         return guide
@@ -69,6 +74,13 @@ def family_view(guide, sub: Model, sub_b: Model, indices: dict[str, torch.Tensor
             "sites: MeanFieldNormal or a discrete family})."
         )
     (plate,) = plates
+    p = sub.plates[plate]
+    hook = getattr(guide, "minibatch_view", None)
+    if callable(hook):
+        view = hook(indices[plate], sub_b.data if data is None else data)
+        view.log_q_scale = p.size / p.subsample_size
+        view.__dict__["minibatch_of"] = guide
+        return view
     axes = {k: sub.local_sites[k][1] for k in local}
     rows = {k: indices[plate] for k in local}
     rule = next(((a, lay) for fams, a, lay in _rules() if isinstance(guide, fams)), None)
@@ -76,7 +88,8 @@ def family_view(guide, sub: Model, sub_b: Model, indices: dict[str, torch.Tensor
         raise ModelError(
             f"{type(guide).__name__} cannot guide the local sites {local} of subsampled plate {plate!r}: "
             "its parameters couple the plate's data points. Use a family that factorizes over them "
-            "(MeanFieldNormal, Gamma, Beta, Dirichlet, Categorical, OneHotCategorical, Bernoulli)."
+            "(MeanFieldNormal, Gamma, Beta, Dirichlet, Categorical, OneHotCategorical, Bernoulli) or an "
+            "amortized family (vipkg.guides.AmortizedNormal, AmortizedCategorical, ...)."
         )
     attrs, layout = rule
     view = copy.copy(guide)  # shares _parameters / _modules: the view's parameters are the guide's
@@ -96,7 +109,6 @@ def family_view(guide, sub: Model, sub_b: Model, indices: dict[str, torch.Tensor
         view.site_shapes = {k: torch.Size(sub_b.sites[k].shape) for k in guide.site_names}
         view._numels = [max(1, int(s.numel())) for s in view.site_shapes.values()]
         view.numel = sum(view._numels)
-    p = sub.plates[plate]
     view.log_q_scale = p.size / p.subsample_size
     # Not setattr: a Module value would be registered in the _modules the view shares with ``guide``.
     view.__dict__["minibatch_of"] = guide
@@ -118,7 +130,7 @@ def minibatch_guide(guide, model: Model, model_b: Model, indices: dict[str, torc
             if any(s in model.local_sites for s in sites):
                 full = _local_sub_model(model, sites)
                 sub_b = Composite.sub_model(model_b, sites)
-                parts.append(family_view(g, full, sub_b, indices))
+                parts.append(family_view(g, full, sub_b, indices, data=model_b.data))
                 subs.append(sub_b)
             else:
                 parts.append(g)
