@@ -12,6 +12,16 @@ from vipkg.models import ZOO
 NO_PYRO_FORM = {"gp_classification"}
 
 
+def _on_a_minibatch(*models):
+    """Models with local sites in subsampled plates have a log joint per minibatch only: the same
+    minibatch (seeded) of each; other models as they are."""
+    if not models[0].is_subsampled:
+        return models if len(models) > 1 else models[0]
+    indices = models[0].subsample_indices(torch.Generator().manual_seed(0))
+    out = tuple(m.minibatch(indices) for m in models)
+    return out if len(out) > 1 else out[0]
+
+
 def _assert_no_pyro_form(name):
     with pytest.raises(ValueError, match="no Pyro form"):
         ZOO[name](form="pyro")
@@ -24,8 +34,11 @@ def test_tensor_and_pyro_forms_agree(name):
         _assert_no_pyro_form(name)
         return
     if not a.is_continuous:
-        pytest.skip("discrete sites: no unconstrained view; tests/models/test_mixture.py checks both forms")
-    assert_forms_agree(a, ZOO[name](form="pyro", dtype=torch.float64))
+        pytest.skip(
+            "discrete sites: no unconstrained view; tests/models/test_mixture.py and test_vae.py check "
+            "both forms"
+        )
+    assert_forms_agree(*_on_a_minibatch(a, ZOO[name](form="pyro", dtype=torch.float64)))
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -53,7 +66,7 @@ def _continuous(name, **kw):
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_gradients_are_finite(name):
     """The log joint's gradient at random unconstrained points, and one Reparam estimate, are finite."""
-    model = _continuous(name, dtype=torch.float64)
+    model = _on_a_minibatch(_continuous(name, dtype=torch.float64))
     u = (0.5 * torch.randn(4, model.dim, dtype=torch.float64)).requires_grad_()
     lp = model.log_joint_unconstrained(u)
     (g,) = torch.autograd.grad(lp.sum(), u)
@@ -146,6 +159,13 @@ def test_every_model_runs_ten_steps_with_every_compatible_estimator(name):
     # The DEF's default 100 images give 1135 latents: dense full-rank families and autograd
     # Hessians at that size take minutes; 10 images keep the same structure.
     model = ZOO[name](**({"n": 10} if name == "sparse_gamma_def" else {}))
+    if model.is_subsampled:
+        # The catalogue builds and checks its guides on the full model; families that couple the
+        # data points (full-rank, flows over 5748 coordinates) pass that and are refused by fit on the
+        # first minibatch. tests/models/test_vae.py runs the estimators that fit the VAEs.
+        pytest.skip(
+            f"{name} has local sites in a subsampled plate: the catalogue does not check on minibatches"
+        )
     ran, refused, diverged = [], [], []
     for cfg in catalog.configs():
         built, reason = _build(cfg, model, 4)

@@ -22,6 +22,13 @@ from vipkg.models.hard import (
 from vipkg.models.logistic import logistic_regression
 from vipkg.models.mixture import discrete_mixture, sigmoid_belief_net
 from vipkg.models.targets import banana
+from vipkg.models.vae import (
+    categorical_vae_digits,
+    categorical_vae_digits_guide,
+    heldout_elbo,
+    vae_digits,
+    vae_digits_guide,
+)
 
 #: name -> constructor, for the CLI and the zoo-wide tests
 ZOO = {
@@ -44,6 +51,8 @@ ZOO = {
     "random_walk": random_walk,
     "ar_series": ar_series,
     "stochastic_volatility": stochastic_volatility,
+    "vae_digits": vae_digits,
+    "categorical_vae_digits": categorical_vae_digits,
 }
 
 __all__ = [
@@ -69,4 +78,9 @@ __all__ = [
     "eight_schools_centered",
     "ar_series",
     "stochastic_volatility",
+    "vae_digits",
+    "categorical_vae_digits",
+    "vae_digits_guide",
+    "categorical_vae_digits_guide",
+    "heldout_elbo",
 ]
