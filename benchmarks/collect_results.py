@@ -23,6 +23,8 @@ ORDER = [
     "bures",
     "gp",
     "accuracy",
+    "pyro_programs",
+    "vae",
     "distributed",
     "diagnostics",
     "soak",
