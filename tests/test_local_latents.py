@@ -10,10 +10,10 @@ from pyro import poutine
 
 import vipkg
 from vipkg.diagnostics import gradient_samples
-from vipkg.estimators.control_variates import LeaveOneOut
+from vipkg.estimators.control_variates import Learned, LeaveOneOut
 from vipkg.estimators.per_site import PerSite
 from vipkg.guides import Bernoulli, Composite, MeanFieldNormal
-from vipkg.guides.minibatch import draw_minibatch
+from vipkg.guides.minibatch import draw_minibatch, minibatch_guide
 
 F64 = torch.float64
 X = torch.tensor([0.3, -1.2, 2.1, 0.8, 1.7, -0.4, 0.9], dtype=F64)
@@ -125,9 +125,8 @@ def test_minibatch_gradient_is_unbiased_for_the_full_data(parts):
     _assert_unbiased(samples, exact)
 
 
-def test_discrete_local_site_gradient_is_unbiased():
-    model = vipkg.Model.from_pyro(_mixture, X)
-    guide = Composite(
+def _mixture_guide(model):
+    return Composite(
         model,
         {
             "mu": lambda sub, **kw: MeanFieldNormal(
@@ -137,10 +136,58 @@ def test_discrete_local_site_gradient_is_unbiased():
         },
         dtype=F64,
     )
+
+
+def test_discrete_local_site_gradient_is_unbiased():
+    model = vipkg.Model.from_pyro(_mixture, X)
+    guide = _mixture_guide(model)
     exact = _exact_grads(guide, _exact_mixture_loss)
     est = PerSite({"mu": vipkg.Reparam(), "z": vipkg.ScoreFunction(LeaveOneOut())})
     samples = gradient_samples(model, guide, est, num_particles=8, repeats=1500, seed=0)
     _assert_unbiased(samples, exact)
+
+
+class _PerDatum(torch.nn.Module):
+    """A per-datum baseline ``b(x_i) = a x_i + c`` that records the rows it is called on."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(1, 1, dtype=F64)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.linear(x[:, None])  # [B, 1]: one baseline per datum of the minibatch
+
+
+@pytest.mark.parametrize("inputs", ["x", lambda m: m.data["x"][m.data["_subsample:data"]]])
+def test_per_datum_learned_baseline_reads_the_minibatchs_rows(inputs):
+    """NVIL's b(x_i) under subsampling: the network sees the minibatch's rows of x, one baseline per
+    datum of the per-datum cost [S, B]."""
+    model = vipkg.Model.from_pyro(_mixture, X)
+    guide = _mixture_guide(model)
+    net = _PerDatum()
+    est = PerSite({"mu": vipkg.Reparam(), "z": vipkg.ScoreFunction(Learned(net, inputs=inputs))})
+    for seed in range(3):
+        torch.manual_seed(seed)
+        idx = model.subsample_indices()
+        model_b = model.minibatch(idx)
+        info = est.estimate(model_b, minibatch_guide(guide, model, model_b, idx), vipkg.ELBO(), 8)
+        assert torch.equal(net.seen[-1], X[idx["data"]])
+        assert torch.isfinite(info.loss)
+    assert len({tuple(s.tolist()) for s in net.seen}) == 3  # a different minibatch each time
+
+
+def test_per_datum_learned_baseline_keeps_the_minibatch_gradient_unbiased():
+    model = vipkg.Model.from_pyro(_mixture, X)
+    guide = _mixture_guide(model)
+    exact = _exact_grads(guide, _exact_mixture_loss)
+    net = _PerDatum()
+    est = PerSite({"mu": vipkg.Reparam(), "z": vipkg.ScoreFunction(Learned(net, inputs="x", lr=0.05))})
+    samples = gradient_samples(model, guide, est, num_particles=8, repeats=1500, seed=0)
+    _assert_unbiased(samples, exact)
+    assert len(net.seen) >= 1500 and all(s.shape == (B,) for s in net.seen)
+    assert float(net.linear.weight.detach().abs()) > 0  # trained on the per-datum costs
 
 
 def test_minibatch_views_share_the_guides_parameters():

@@ -178,3 +178,31 @@ def test_bad_input_errors():
     dm = dirichlet_multinomial(3, prior=(1.0, 1.0, 1.0), counts=(1, 2, 3), dtype=torch.float64)
     with pytest.raises(IncompatibleEstimatorError, match="unconstrained"):
         ScoreFunction(Stein()).check(dm, Dirichlet(dm, dtype=torch.float64), vipkg.ELBO())
+
+
+def test_learned_reads_its_inputs_from_the_estimates_model():
+    """inputs='<data entry>' (the minibatch's rows under subsampling: tests/test_local_latents.py) or a
+    callable of the model; both need the model the estimator binds."""
+    import types
+
+    x = torch.arange(10.0).reshape(5, 2)
+    model = types.SimpleNamespace(name="m", data={"x": x, "_subsample:data": torch.tensor([4, 1])})
+    for inputs in ("x", lambda m: m.data["x"][m.data["_subsample:data"]]):
+        net = torch.nn.Linear(2, 1)
+        cv = Learned(net, inputs=inputs)
+        with pytest.raises(ValueError, match="none was given"):
+            cv.center(torch.randn(3, 2))
+        cv.bind(model)
+        expected = net(x[[4, 1]]).squeeze(-1).detach()  # the minibatch's rows 4 and 1
+        w, _ = cv.center(torch.zeros(3, 2))
+        assert w.shape == (3, 2) and torch.allclose(-w, expected.expand(3, 2))
+    full = types.SimpleNamespace(name="m", data={"x": x})
+    cv = Learned(torch.nn.Linear(2, 1), inputs="x")
+    cv.bind(full)
+    assert cv.center(torch.zeros(4, 5))[0].shape == (4, 5)  # no subsampling: every row
+    cv = Learned(torch.nn.Linear(2, 1), inputs="y")
+    cv.bind(full)
+    with pytest.raises(ValueError, match="no data entry 'y'"):
+        cv.center(torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="pass net="):
+        Learned(inputs="x")

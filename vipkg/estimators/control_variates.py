@@ -60,6 +60,10 @@ class ControlVariate:
         """A corrected per-draw gradient matrix ``[S, P]`` with the same expectation as ``G``."""
         return G, {}
 
+    def bind(self, model) -> None:
+        """Called by the estimator with the model of each estimate (a minibatch's model under
+        subsampling) before :meth:`center`; baselines that read data (:class:`Learned`) keep it."""
+
     def state_dict(self) -> dict:
         return {}
 
@@ -204,9 +208,20 @@ class Learned(ControlVariate):
         Maps ``inputs`` to a baseline broadcastable to the cost's local shape
         (per datum when ``inputs`` is per datum, as in NVIL). Default: one
         learned constant per entry of the cost's local shape (created lazily).
-    inputs : Tensor, optional
-        What ``net`` is called on (e.g. the observations ``x [N, F]`` for a
-        per-datum cost ``[S, N]``). Without it ``net`` is called with no argument.
+    inputs : Tensor, str or callable, optional
+        What ``net`` is called on. A tensor: always that (e.g. the observations
+        ``x [N, F]`` for a per-datum cost ``[S, N]`` of a model without subsampling).
+        A string: the entry of the model's ``data`` of that name, read at every
+        estimate from the model the estimator is given; on a minibatch (a model with
+        local sites in a subsampled plate, whose ``data["_subsample:<plate>"]`` holds
+        the minibatch's indices) its rows for the minibatch, so that ``net`` gives a
+        per-datum baseline ``b(x_i)`` for the minibatch's costs ``[S, B]``. A callable:
+        ``inputs(model)``, the estimate's model, returns what ``net`` is called on.
+        Without it ``net`` is called with no argument.
+    plate : str, optional
+        With a string ``inputs``: the subsampled plate whose indices select its rows;
+        by default the one plate subsampled in the model's data (rows are not selected
+        when there is none).
     lr : float
         Learning rate of the baseline's Adam optimizer.
     scale : float
@@ -219,15 +234,34 @@ class Learned(ControlVariate):
        Belief Networks". ICML (2014).
     """
 
-    def __init__(self, net: nn.Module | None = None, *, inputs=None, lr: float = 0.05, scale: float = 1.0):
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        *,
+        inputs=None,
+        plate: str | None = None,
+        lr: float = 0.05,
+        scale: float = 1.0,
+    ):
         if net is not None and not isinstance(net, nn.Module):
             raise ValueError(f"Learned: net must be a torch.nn.Module, got {type(net).__name__}.")
+        if not (inputs is None or isinstance(inputs, (str, torch.Tensor)) or callable(inputs)):
+            raise ValueError(
+                "Learned: inputs must be a Tensor, the name of a data entry or a callable inputs(model), "
+                f"got {type(inputs).__name__}."
+            )
+        if inputs is not None and net is None:
+            raise ValueError("Learned: inputs are what net is called on; pass net= as well.")
+        if plate is not None and not isinstance(inputs, str):
+            raise ValueError("Learned: plate selects the rows of a data entry named by inputs='<name>'.")
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ValueError(f"Learned: lr must be a positive number, got {lr!r}.")
         self.net = net
         self.inputs = inputs
         self.lr = float(lr)
         self.scale = float(scale)
+        self.plate = plate
+        self._model = None
         self._consts: dict[str, nn.Parameter] = {}
         self._opt = None
         if net is not None:
@@ -236,12 +270,57 @@ class Learned(ControlVariate):
     def __repr__(self):
         return f"Learned({'constant' if self.net is None else type(self.net).__name__})"
 
+    def bind(self, model) -> None:
+        self._model = model
+
+    def _inputs(self):
+        """What ``net`` is called on at this estimate (see ``inputs``)."""
+        if self.inputs is None or isinstance(self.inputs, torch.Tensor):
+            return self.inputs
+        model = self._model
+        if model is None:
+            raise ValueError(
+                f"Learned: inputs={self.inputs!r} is read from the estimate's model, but none was given "
+                "(use it through an estimator, e.g. ScoreFunction(Learned(net, inputs=...)))."
+            )
+        if callable(self.inputs):
+            return self.inputs(model)
+        from vipkg.model import SUBSAMPLE_KEY
+
+        data = model.data
+        if self.inputs not in data:
+            names = [k for k in data if not k.startswith(SUBSAMPLE_KEY)]
+            raise ValueError(
+                f"Learned: model {model.name!r} has no data entry {self.inputs!r}; its entries are {names}."
+            )
+        x = data[self.inputs]
+        subsampled = [k[len(SUBSAMPLE_KEY) :] for k in data if k.startswith(SUBSAMPLE_KEY)]
+        plate = self.plate
+        if plate is None:
+            if len(subsampled) > 1:
+                raise ValueError(
+                    f"Learned: model {model.name!r} subsamples plates {subsampled}; name the one whose "
+                    f"indices select the rows of {self.inputs!r} (plate=...)."
+                )
+            plate = subsampled[0] if subsampled else None
+        elif plate not in subsampled:
+            plate = None  # every row at once (the full model, or a plate that is not subsampled)
+        if plate is None:
+            return x
+        return x.index_select(0, data[SUBSAMPLE_KEY + plate].to(x.device))
+
     def _predict(self, cost, key):
         if self.net is not None:
-            out = self.net() if self.inputs is None else self.net(self.inputs)
+            inputs = self._inputs()
+            out = self.net() if inputs is None else self.net(inputs)
             local = cost.shape[1:]
             if out.shape != local and out.dim() > 0 and out.shape[-1] == 1:
-                out = out.squeeze(-1)  # a per-datum net's [N, 1] output for a cost [S, N]
+                try:
+                    fits = len(torch.broadcast_shapes(out.shape, local)) <= len(local)
+                except RuntimeError:
+                    fits = False
+                if not fits:
+                    out = out.squeeze(-1)  # a per-datum net's [N, 1] output for a cost [S, N]
             try:
                 torch.broadcast_shapes(out.shape, local)
             except RuntimeError:
@@ -461,6 +540,10 @@ class Chain(ControlVariate):
 
     def __repr__(self):
         return "chain(" + ", ".join(repr(p) for p in self.parts) + ")"
+
+    def bind(self, model):
+        for p in self.parts:
+            p.bind(model)
 
     def center(self, cost, key="_all"):
         extras = {}

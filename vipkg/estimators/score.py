@@ -205,6 +205,7 @@ class ScoreFunction(Estimator):
     def draw(self, guide, model, shape) -> Draw:
         """Draws without a gradient path, their differentiable ``log q``, and one score term per
         independent factor of the guide (per site and entry where it exposes ``log_prob_parts``)."""
+        self.control_variate.bind(model)  # baselines that read the (minibatch's) data
         z, log_q = guide.sample_and_log_prob(shape)
         z = {k: v.detach() for k, v in z.items()} if isinstance(z, dict) else z.detach()
         latents, log_q = named_latents(guide, model, z, shape, log_q)
@@ -226,6 +227,7 @@ class ScoreFunction(Estimator):
             return estimate_parts(model, guide, objective, num_particles, [Part(self, guide, model)])
         # Gradient-level control variates act on the per-draw gradients of the whole objective.
         self.check_particles(num_particles)
+        self.control_variate.bind(model)
         shape = objective.sample_shape(num_particles)
         z, log_q = guide.sample_and_log_prob(shape)
         z = {k: v.detach() for k, v in z.items()} if isinstance(z, dict) else z.detach()
