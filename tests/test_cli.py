@@ -76,6 +76,52 @@ def test_compare_skips_what_does_not_fit_and_plots_against_reference(tmp_path):
     assert (tmp_path / "posterior.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize(
+    "model_name, labels, guide",
+    [
+        ("vae_digits", ["reparam-meanfield-elbo", "stl-meanfield-elbo"], "vae_digits_guide"),
+        (
+            "categorical_vae_digits",
+            ["gumbel-categorical-elbo", "persite-reparam+score-loo-elbo"],
+            "categorical_vae_digits_guide",
+        ),
+    ],
+)
+def test_compare_runs_a_subsampled_vae_scored_on_held_out_images(tmp_path, model_name, labels, guide):
+    from vipkg.estimators import catalog
+
+    # Two configurations that fit, an update estimator and a family that couples the data points.
+    configs = [catalog.get(label) for label in labels]
+    configs += [catalog.get("dreg-fullrank-iwae8"), catalog.get("reparam-fullrank-elbo")]
+    stream = io.StringIO()
+    rows = compare(
+        model_name,
+        steps=3,
+        num_particles=2,
+        repeats=2,
+        eval_draws=10,
+        out=tmp_path,
+        progress=False,
+        configs=configs,
+        stream=stream,
+    )
+    assert [r["estimator"] for r in rows] == labels
+    for r in rows:
+        # Minus the test ELBO per image of 64 binary pixels, near its start (64 log 2 = 44 nats).
+        assert 5 < r["loss"] < 100 and r["loss_se"] > 0
+        assert r["grad_trace_var"] > 0 and math.isnan(r["khat"])
+    table = (tmp_path / "compare.md").read_text()
+    assert table in stream.getvalue()
+    assert "Final loss: minus the held-out ELBO per test image" in table
+    assert f"Guide: the model's default guide ({guide})" in table
+    for label in labels:
+        assert f"| {label} |" in table
+    assert "- dreg-fullrank-iwae8: " in table and "- reparam-fullrank-elbo: " in table
+    if model_name == "vae_digits":  # (FullRankNormal does not represent the categorical VAE's codes)
+        assert "owns a whole-data step" in table
+        assert "- reparam-fullrank-elbo: FullRankNormal cannot guide the local sites ['z']" in table
+
+
 def test_cli_models_lists_zoo(capsys):
     assert main(["models"]) == 0
     assert "eight_schools" in capsys.readouterr().out

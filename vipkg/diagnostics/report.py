@@ -17,7 +17,9 @@ from vipkg.diagnostics.plots import plot_gradient_variance, plot_khat, plot_loss
 __all__ = ["compare_table", "save_figure", "write_compare"]
 
 
-def compare_table(name: str, rows: Sequence[Mapping], steps: int, num_particles: int, skipped=()) -> str:
+def compare_table(
+    name: str, rows: Sequence[Mapping], steps: int, num_particles: int, skipped=(), notes=()
+) -> str:
     """The Markdown table of a comparison: one line per row, then the configurations not run.
 
     Parameters
@@ -29,6 +31,8 @@ def compare_table(name: str, rows: Sequence[Mapping], steps: int, num_particles:
     steps, num_particles : int
         The fit's settings, for the caption.
     skipped : sequence of (label, reason)
+    notes : sequence of str
+        Lines after the caption (e.g. what the loss column is for a subsampled model).
     """
     lines = [
         f"# vipkg compare: {name}",
@@ -37,6 +41,7 @@ def compare_table(name: str, rows: Sequence[Mapping], steps: int, num_particles:
         "(± standard error); gradient variance = trace of the covariance of the loss gradient at the end; "
         "PSIS k-hat of the fitted guide (< 0.5 good, > 0.7 unreliable; Yao et al. 2018).",
         "",
+        *[line for note in notes for line in (note, "")],
         "| estimator | final loss | ± se | ms/step | grad trace-variance | PSIS k-hat |",
         "|---|---:|---:|---:|---:|---:|",
     ]
@@ -84,6 +89,7 @@ def write_compare(
     reference=None,
     seed: int = 0,
     draws: int = 1000,
+    notes=(),
 ) -> tuple[str, list[Path]]:
     """Write a comparison's report into ``out``; return the table and the paths written.
 
@@ -108,9 +114,11 @@ def write_compare(
         Reference posterior draws by site (:func:`vipkg.diagnostics.reference_draws`).
     seed, draws : int
         For the guide draws of ``posterior.png`` and ``compare.nc``.
+    notes : sequence of str
+        Lines under the table's caption (see :func:`compare_table`).
     """
     out = Path(out)
-    table = compare_table(model_name, rows, steps, num_particles, skipped)
+    table = compare_table(model_name, rows, steps, num_particles, skipped, notes)
     atomic_write_bytes(out / "compare.md", table.encode())
 
     def losses_fig(fig):

@@ -16,6 +16,13 @@ that enumerates "every estimator" reads this list:
 Each configuration names a small model it is known to fit (:meth:`Config.example_model`),
 so that it can be built and stepped without the model zoo.
 
+Models with a default guide of their own (``model.default_guide``, e.g. the amortized
+encoders of the zoo's VAEs) get it in place of the factorized families
+(:data:`FACTORIZED`: mean-field Normal for continuous sites, the discrete families for
+discrete ones, ``Composite.auto`` for any): see :meth:`Config.make_guide`. A model with
+local latents in subsampled plates is checked on a minibatch, as ``vipkg.fit`` does, and
+update estimators (which own a whole-data step) do not fit it.
+
 Adding an estimator: export it from :mod:`vipkg.estimators` and add at least one
 :class:`Config` to :func:`configs`.
 """
@@ -39,6 +46,7 @@ from vipkg.estimators.rsvi import RSVI
 from vipkg.estimators.score import ScoreFunction
 from vipkg.estimators.stein import SVGD, MirroredSVGD
 from vipkg.guides import (
+    Bernoulli,
     Beta,
     Categorical,
     Composite,
@@ -48,12 +56,24 @@ from vipkg.guides import (
     Gamma,
     LowRankNormal,
     MeanFieldNormal,
+    OneHotCategorical,
     Particles,
 )
 from vipkg.model import Model, Site
 from vipkg.objectives import ELBO, IWAE
 
-__all__ = ["Config", "configs", "get", "labels", "estimator_classes", "for_estimator"]
+__all__ = ["Config", "configs", "get", "labels", "estimator_classes", "for_estimator", "FACTORIZED"]
+
+#: Guide factories that a model's own default guide (``model.default_guide``) replaces:
+#: ``"continuous"`` ones when every site is continuous, ``"discrete"`` ones when every site is
+#: discrete, ``"any"`` always.
+FACTORIZED = {
+    MeanFieldNormal: "continuous",
+    Categorical: "discrete",
+    OneHotCategorical: "discrete",
+    Bernoulli: "discrete",
+    Composite.auto: "any",
+}
 
 
 # ---------------------------------------------------------------- example models
@@ -191,11 +211,53 @@ class Config:
         IncompatibleEstimatorError, ModelError, ValueError
             When the family or the estimator does not fit ``model`` (or ``num_particles``).
         """
-        guide, estimator, objective = self.guide(model), self.make_estimator(model), self.objective()
-        estimator.check(model, guide, objective)
+        guide, estimator, objective = self.make_guide(model), self.make_estimator(model), self.objective()
+        if model.is_subsampled:
+            # As vipkg.fit does: an update estimator cannot step on minibatches, and the estimator
+            # sees minibatches only, so check it on one (drawn off the caller's RNG stream).
+            from vipkg._rng import seeded
+            from vipkg.fit import _check_goes_through_parts
+            from vipkg.guides.minibatch import draw_minibatch
+
+            _check_goes_through_parts(estimator, model)
+            with seeded(0):
+                estimator.check(*draw_minibatch(model, guide), objective)
+        else:
+            estimator.check(model, guide, objective)
+        if model.has_parameters:
+            from vipkg.fit import _check_trains_model
+
+            _check_trains_model(estimator, model)
         if num_particles is not None:
             estimator.check_particles(num_particles)
         return guide, estimator, objective
+
+    def uses_default_guide(self, model) -> bool:
+        """Whether ``model``'s own default guide (``model.default_guide``) replaces this configuration's
+        family: it has one, and the family is a factorized one of the matching kind (:data:`FACTORIZED`)."""
+        if not callable(getattr(model, "default_guide", None)):
+            return False
+        try:
+            kind = FACTORIZED.get(self.guide)
+        except TypeError:  # an unhashable factory
+            return False
+        discrete = [s.is_discrete for s in model.sites.values()]
+        return (
+            kind == "any"
+            or (kind == "continuous" and not any(discrete))
+            or (kind == "discrete" and all(discrete))
+        )
+
+    def make_guide(self, model):
+        """This configuration's guide for ``model``: the model's default guide where
+        :meth:`uses_default_guide` (as the one part of a Composite in place of ``Composite.auto``,
+        for estimators that combine parts), else ``self.guide(model)``."""
+        if not self.uses_default_guide(model):
+            return self.guide(model)
+        guide = model.default_guide(model)
+        if FACTORIZED[self.guide] == "any":
+            guide = Composite(model, {tuple(model.sites): guide})
+        return guide
 
     def make_estimator(self, model) -> Estimator:
         """A fresh estimator of this configuration for ``model``."""
