@@ -296,3 +296,69 @@ def test_help_describes_every_option_with_its_default(command, capsys):
         if name == "-h,":
             continue
         assert "default" in block, block
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("elbo", vipkg.ELBO()),
+        ("iwae", vipkg.IWAE(8)),
+        ("iwae:3", vipkg.IWAE(3)),
+        ("IWAE:16", vipkg.IWAE(16)),
+        ("renyi", vipkg.Renyi(0.5, 8)),
+        ("renyi:0.3", vipkg.Renyi(0.3, 8)),
+        ("renyi:0.3:4", vipkg.Renyi(0.3, 4)),
+    ],
+)
+def test_objective_spec_gives_k_and_help_says_the_default(spec, expected, capsys):
+    from vipkg.cli.fit import _objective
+
+    assert repr(_objective(spec)) == repr(expected)
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "plain 'iwae' is iwae:8" in help_text and "iwae:K" in help_text
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("iwae:x", r"--objective 'iwae:x': K must be a positive integer, got 'x'"),
+        ("iwae:0", r"--objective 'iwae:0': K must be a positive integer, got 0"),
+        ("iwae:2:3", r"--objective 'iwae:2:3': use 'elbo', 'iwae:K'"),
+        ("elbo:3", r"--objective 'elbo:3': use 'elbo'"),
+    ],
+)
+def test_bad_objective_specs_fail_on_one_line_before_fitting(spec, message, capsys, monkeypatch):
+    _no_fitting(monkeypatch)
+    argv = ["fit", "--model", "gaussian", "--objective", spec, "--steps", "2", "--no-progress"]
+    text, _ = _fails_on_one_line(argv, capsys)
+    assert re.search(message, text), text
+
+
+def test_fit_summary_names_the_iwae_k(tmp_path):
+    from vipkg.cli.fit import fit_command
+
+    summary = fit_command(model="gaussian", objective="iwae:3", steps=2, progress=False)
+    assert summary["objective"] == "IWAE(k=3)"
+
+
+def test_compare_progress_bars_name_the_configuration(tmp_path, capsys):
+    compare(
+        "gaussian",
+        steps=4,
+        num_particles=2,
+        repeats=2,
+        eval_draws=50,
+        out=tmp_path,
+        only=["reparam-meanfield-elbo", "reparam-fullrank-iwae8"],
+        reference="none",
+        progress=True,
+        stream=io.StringIO(),
+    )
+    err = capsys.readouterr().err
+    # The bar's description is the configuration's label (two Reparam lines would otherwise both read
+    # "Reparam").
+    assert re.search(r"(^|\r)reparam-meanfield-elbo: ", err) and re.search(
+        r"(^|\r)reparam-fullrank-iwae8: ", err
+    ), err

@@ -247,3 +247,105 @@ def test_a_single_upward_spike_is_not_divergence():
     model = _shifted_density(-1e9, 120, 121)
     r = vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=300, progress=False)
     assert float(r.losses[120]) > 1e8 and float(r.losses[-20:].mean()) < 10
+
+
+def _no_gradient_warnings(fit_call):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fit_call()
+
+
+def test_a_log_density_that_leaves_autograd_is_reported_once_naming_the_parameters():
+    import re
+
+    np_fn = lambda x: -0.5 * ((x - 3.0) ** 2).sum(-1)  # noqa: E731
+    model = vipkg.Model.from_log_density(lambda x: torch.as_tensor(np_fn(x.detach().numpy())), 1)
+    with pytest.warns(UserWarning, match=r"gradient for loc.*NumPy round trip") as record:
+        vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=120, progress=False)
+    hits = [w for w in record if "gradient" in str(w.message)]
+    assert len(hits) == 1, [str(w.message) for w in hits]
+    assert re.search(r"log joint at the guide's draws carries no gradient", str(hits[0].message))
+    assert hits[0].filename == __file__  # points at the user's fit call
+
+
+def test_a_model_parameter_the_log_joint_never_reads_is_reported():
+    unused = torch.nn.Linear(1, 1)
+    model = vipkg.Model.from_log_density(lambda x: -0.5 * (x**2).sum(-1), 2, params=unused)
+    with pytest.warns(UserWarning, match=r"no gradient for model\.weight, model\.bias.*never reads"):
+        vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=4, check_every=2, progress=False)
+
+
+def test_normal_fits_do_not_report_gradients():
+    from vipkg.guides import Flow
+
+    model = vipkg.models.eight_schools()
+    _no_gradient_warnings(
+        lambda: vipkg.fit(model, MeanFieldNormal(model), vipkg.Reparam(), steps=60, progress=False)
+    )
+    # A flow's coupling nets start with a zero last layer: its earlier layers get gradient from step 2 on.
+    g = vipkg.models.gaussian(torch.tensor([1.0, -2.0]), torch.eye(2))
+    _no_gradient_warnings(
+        lambda: vipkg.fit(
+            g, Flow.real_nvp(g, layers=2), vipkg.Reparam(), steps=4, check_every=1, progress=False
+        )
+    )
+    # A minibatch fit leaves the rows of local parameters outside the minibatch at zero: not reported.
+    import pyro
+    import pyro.distributions as dist
+
+    x = torch.linspace(-1.0, 2.0, 9)
+
+    def hierarchical(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x), subsample_size=2) as ind:
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x[ind])
+
+    local = vipkg.Model.from_pyro(hierarchical, x)
+    guide, est = vipkg.estimators.per_site.auto(local)
+    _no_gradient_warnings(lambda: vipkg.fit(local, guide, est, steps=4, check_every=2, progress=False))
+    for p in guide.parameters():
+        assert p.grad is not None and bool((p.grad == 0).any()) == (p.numel() == len(x)), p.grad
+
+
+def test_bound_on_fresh_draws_with_its_standard_error():
+    model = vipkg.models.linear_regression_conjugate(n=50, d=2)
+    result = vipkg.fit(model, FullRankNormal(model), vipkg.Reparam(), steps=400, lr=0.05, progress=False)
+    before = torch.get_rng_state()
+    elbo, se = result.bound(n=4000, seed=0)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG is left alone
+    assert result.bound(n=4000, seed=0) == (elbo, se) and result.bound(n=4000, seed=1) != (elbo, se)
+    assert 0 < se < 0.1
+    # A lower bound on the log evidence, and (the guide near the exact posterior) close to it.
+    log_z = model.reference["log_evidence"]
+    assert elbo < log_z + 3 * se and elbo > log_z - 0.5, (elbo, se, log_z)
+    # It agrees with the training losses' tail (minus the bound, on other draws) within their noise.
+    assert abs(elbo + float(result.losses[-100:].mean())) < 0.5
+    # The fit's own objective: the IWAE bound lies between the ELBO and log Z.
+    iwae, iwae_se = result.bound(n=2000, objective=vipkg.IWAE(16))
+    assert elbo - 3 * se < iwae < log_z + 3 * iwae_se
+    assert result.bound(n=1000).se > result.bound(n=4000).se
+
+
+def test_bound_refuses_particles_and_subsampled_models_saying_what_to_use():
+    model = vipkg.models.gaussian(dim=2)
+    svgd = vipkg.fit(model, vipkg.guides.Particles(model, n=8), vipkg.SVGD(), steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"particles without a density, so it has no bound"):
+        svgd.bound()
+    import pyro
+    import pyro.distributions as dist
+
+    def local(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x), subsample_size=2):
+            pyro.sample("z", dist.Normal(mu, 1.0))
+
+    sub = vipkg.Model.from_pyro(local, torch.zeros(6))
+    guide, est = vipkg.estimators.per_site.auto(sub)
+    result = vipkg.fit(sub, guide, est, steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"subsampled plate.*vipkg.models.heldout_elbo.*minibatch bounds"):
+        result.bound()
+    with pytest.raises(ValueError, match=r"n must be an int >= 2"):
+        svgd.bound(n=1)

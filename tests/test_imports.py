@@ -357,3 +357,29 @@ def test_console_script_resolves():
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     module, _, attr = pyproject["project"]["scripts"]["vipkg"].partition(":")
     assert getattr(importlib.import_module(module), attr) is vipkg.cli.main
+
+
+def test_no_tqdm_warning_in_a_notebook_without_ipywidgets():
+    """In a Jupyter kernel without ipywidgets, ``tqdm.auto`` prints ``TqdmWarning: IProgress not found``
+    (at the first fit with a bar, which users see as importing vipkg): the text bar is used instead."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys, types
+        # (not warnings.simplefilter("error"): tqdm.autonotebook would catch the error and stay quiet)
+        sys.modules["ipywidgets"] = None  # not installed
+        sys.modules["ipykernel.zmqshell"] = types.ModuleType("ipykernel.zmqshell")  # what tqdm reads
+        import IPython  # noqa: F401  (a kernel has it loaded)
+        import vipkg
+
+        m = vipkg.models.eight_schools()
+        vipkg.fit(m, vipkg.guides.MeanFieldNormal(m), vipkg.Reparam(), steps=3, progress=True)
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert "IProgress" not in out.stderr and "TqdmWarning" not in out.stderr, out.stderr[-2000:]

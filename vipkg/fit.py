@@ -9,21 +9,24 @@ host read, then gives every hook its turn, in that order.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import os
 import sys
 import time
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from vipkg._rng import seeded
+from vipkg.estimators.base import check_minibatch_support, check_trains_model
 from vipkg.model import ModelError
 from vipkg.objectives import ELBO, Objective
 
-__all__ = ["fit", "FitResult", "NonFiniteLossError"]
+__all__ = ["fit", "FitResult", "Bound", "NonFiniteLossError", "progress_label"]
 
 OPTIMIZERS = {
     "adam": torch.optim.Adam,
@@ -43,6 +46,13 @@ class NonFiniteLossError(FloatingPointError):
 #: A loss this many robust spreads below the recent median (and at least this many nats) in one
 #: step is not optimisation progress: the bound has become numerically meaningless.
 DIVERGENCE_SPREADS = 1e3
+
+
+class Bound(NamedTuple):
+    """:meth:`FitResult.bound`: the bound's estimate and its Monte Carlo standard error (nats)."""
+
+    estimate: float
+    se: float
 
 
 @dataclasses.dataclass
@@ -96,37 +106,47 @@ class FitResult:
             return latents
         return {**latents, **{k: v.detach() for k, v in self.model.deterministic(latents).items()}}
 
+    @torch.no_grad()
+    def bound(self, n: int = 1000, seed: int | None = 0, objective: Objective | None = None) -> Bound:
+        """The fitted guide's bound on ``n`` fresh draws, with its Monte Carlo standard error.
+
+        ``elbo, se = result.bound()`` is the ELBO ``E_q[log p(x, z) - log q(z)]`` estimated from
+        ``n`` new guide draws (not the training losses, whose draws the parameters were fitted to).
+        Pass ``objective=result.objective`` (or any :class:`~vipkg.objectives.Objective`) for its
+        bound instead, estimated from ``n`` groups of ``objective.k`` draws. ``seed`` seeds a forked
+        RNG: the caller's stream is left as it was.
+
+        Raises ``ValueError`` for a guide without a density (particles: SVGD) and for a model with
+        local latents in a subsampled plate, whose full-data log joint is never evaluated at once:
+        use the model's held-out bound there (:func:`vipkg.models.heldout_elbo` for the zoo's VAEs)
+        or an average of minibatch bounds.
+        """
+        if not isinstance(n, int) or n < 2:
+            raise ValueError(f"bound: n must be an int >= 2 (draws for a mean and its error), got {n!r}.")
+        if getattr(self.guide, "is_empirical", False):
+            raise ValueError(
+                f"bound: the guide {type(self.guide).__name__} is a set of particles without a density, "
+                "so it has no bound; compare particle fits by a held-out predictive or a Stein discrepancy."
+            )
+        if self.model.is_subsampled:
+            raise ValueError(
+                f"bound: model {self.model.name!r} has local latents {sorted(self.model.local_sites)} in "
+                f"subsampled plate(s) {sorted(self.model.plates)}; its full-data bound is never evaluated "
+                "at once. Use its held-out bound (vipkg.models.heldout_elbo(result.model, result.guide) "
+                "for the zoo's VAEs) or average minibatch bounds (what vipkg compare reports)."
+            )
+        objective = objective or ELBO()
+        S, K = objective.sample_shape(n)
+        with seeded(seed, self.guide.device):
+            z, log_q = self.guide.sample_and_log_prob((S, K))  # discrete guides too
+        per = objective.per_group(self.guide.log_joint(self.model, z) - log_q).double()
+        return Bound(float(per.mean()), float(per.std() / math.sqrt(per.numel())))
+
     def to_arviz(self, n: int = 1000, seed: int | None = 0):
         """The fit as ArviZ ``InferenceData`` (see :func:`vipkg.diagnostics.to_arviz`)."""
         from vipkg.diagnostics.arviz_adapter import to_arviz
 
         return to_arviz(self, n, seed=seed)
-
-
-def _check_goes_through_parts(estimator, model) -> None:
-    from vipkg.estimators.base import IncompatibleEstimatorError
-
-    if not getattr(estimator, "trains_model_params", getattr(estimator, "composable", False)):
-        raise IncompatibleEstimatorError(
-            f"model {model.name!r} has local latent sites {sorted(model.local_sites)} in subsampled "
-            f"plate(s) {sorted(model.plates)}, fitted one minibatch at a time; {estimator!r} owns a "
-            "whole-data step and cannot. Use Reparam, STL, ScoreFunction, RSVI, GumbelSoftmax or PerSite."
-        )
-
-
-def _check_trains_model(estimator, model) -> None:
-    from vipkg.estimators.base import IncompatibleEstimatorError
-
-    # Part estimators backpropagate one surrogate through the model's log joint, which gives
-    # the model's parameters their gradient; update estimators own a step for the guide only.
-    if not getattr(estimator, "trains_model_params", getattr(estimator, "composable", False)):
-        names = [k for k, _ in model.named_parameters()]
-        raise IncompatibleEstimatorError(
-            f"model {model.name!r} has parameters of its own {names}, and {estimator!r} does not "
-            "estimate their gradient (it updates the guide only). Use an estimator that learns the "
-            "model with the guide (Reparam, STL, ScoreFunction, RSVI, GumbelSoftmax, PerSite, or IWAE "
-            "with Reparam), or make the parameters latent sites."
-        )
 
 
 def _make_optimizer(optimizer, params, lr):
@@ -316,7 +336,7 @@ def fit(
     device = guide.device
     model = model.to(device=device, dtype=guide.dtype)
     if model.is_subsampled:
-        _check_goes_through_parts(estimator, model)
+        check_minibatch_support(estimator, model)
         from vipkg.guides.minibatch import draw_minibatch
 
         # Check against a minibatch (the only thing the estimator will see), off the fit's RNG stream.
@@ -327,7 +347,7 @@ def fit(
     estimator.check_particles(num_particles)
     params = list(guide.parameters())
     if model.has_parameters:
-        _check_trains_model(estimator, model)
+        check_trains_model(estimator, model)
         # Variational EM: the model's parameters take the same gradient step as the guide's,
         # in a parameter group of their own so that their learning rate can differ.
         params = [
@@ -354,7 +374,7 @@ def fit(
     )
     # The order matters at a shared stop: the finiteness check runs first, so that no
     # measurement, checkpoint or callback ever sees a step that is about to be refused.
-    hooks: list[Hook] = [FiniteCheck(check_every, nan_policy)]
+    hooks: list[Hook] = [FiniteCheck(check_every, nan_policy), GradientCheck()]
     if diagnostics is not None:
         hooks.append(RecordGradientVariance(diagnostics))
     saver = None if checkpoint is None else Checkpoint(checkpoint, checkpoint_every)
@@ -537,6 +557,120 @@ class FiniteCheck(Hook):
         self.last = stop
 
 
+class GradientCheck(Hook):
+    """Once per fit, at the first stop after at least two steps: parameters that got no gradient
+    (``.grad is None``) or an all-zero one, and have not moved since the fit started, are named in
+    a ``UserWarning`` (a log density that leaves autograd, a site the log joint never reads).
+
+    It asks for no stop of its own and reads the host once (a few numbers per parameter), so
+    the steps stay free of host reads. Two steps, not one, so that a network whose last layer
+    starts at zero (a flow's coupling nets) has passed gradient to its earlier layers. Only
+    the whole tensor counts: a minibatch step leaves the rows of local parameters outside
+    the minibatch at zero. A parameter that moved before is not reported for a zero gradient at
+    the check (a score-function estimate is exactly zero when every particle drew the same
+    value); a guide parameter whose gradient is exactly zero is reported only when the log joint
+    carries no gradient to the draws (else it may sit at its optimum: STL at the exact
+    posterior, a score-function part that already is its site's posterior). Update estimators
+    that move the guide without ``.grad`` (SVGD, FB-GVI, BW-SGD) are not checked.
+    """
+
+    MIN_STEPS = 2
+
+    def __init__(self):
+        self.done = False
+        self.start_values = None
+
+    @staticmethod
+    def _fingerprint(params) -> list[torch.Tensor]:
+        # Each parameter's sum and sum of squares, on the device in its dtype (no host read).
+        with torch.no_grad():
+            return [torch.stack([p.detach().sum(), p.detach().square().sum()]) for p in params]
+
+    def _checked(self, state) -> bool:
+        est = state.estimator
+        return bool(est.trains_model_params)
+
+    def start(self, state):
+        if self._checked(state) and state.params:
+            self.start_values = self._fingerprint(state.params)
+
+    def at_stop(self, state):
+        if self.done or state.step - state.first_step < self.MIN_STEPS:
+            return
+        self.done = True
+        if self.start_values is None:
+            return
+        with torch.no_grad():
+            nonzero = [
+                torch.ones((), dtype=torch.bool, device=p.device) if p.grad is None else (p.grad != 0).any()
+                for p in state.params
+            ]
+            now = self._fingerprint(state.params)
+            unchanged = torch.stack([(a == b).all() for a, b in zip(now, self.start_values)])
+            read = (
+                torch.cat([torch.stack(nonzero).reshape(-1, 1), unchanged.reshape(-1, 1)], 1).cpu().tolist()
+            )
+        own = {id(p) for p in state.model.parameters()}
+        named = [
+            (n, p, bool(nz), bool(same))
+            for (n, p), (nz, same) in zip(zip(state.names, state.params), read)
+            if p.requires_grad and p.numel()
+        ]
+        missing = [n for n, p, _, same in named if p.grad is None and same]
+        zero = [(n, id(p) in own) for n, p, nz, same in named if p.grad is not None and not nz and same]
+        # A guide part whose estimate is exactly zero at every draw may just sit at its optimum (a
+        # score-function part whose site's posterior it already is, STL at the exact posterior):
+        # reported only when the log joint itself carries no gradient. A model parameter (a dead
+        # layer, an unread one) has no such excuse.
+        leaves = _log_joint_leaves_autograd(state) if (missing or zero) else False
+        zero = [n for n, of_model in zero if of_model or leaves]
+        if not (missing or zero):
+            return
+        what = []
+        if missing:
+            what.append(f"no gradient for {', '.join(missing)}")
+        if zero:
+            what.append(f"an all-zero gradient for {', '.join(zero)}")
+        if leaves:
+            cause = (
+                "The cause: the model's log joint at the guide's draws carries no gradient (it leaves "
+                "autograd: a NumPy round trip, .detach(), .item(), float() or torch.tensor() of a value); "
+                "write the log density in torch operations on its argument."
+            )
+        else:
+            cause = (
+                "Likely cause: the log density leaves autograd for some sites (a NumPy round trip, "
+                ".detach(), .item(), float() or torch.tensor() of a value), the log joint never reads "
+                "the site(s) or parameter(s) they belong to, or reads them through something flat there "
+                "(a clamp at a boundary, a dead ReLU)."
+            )
+        warnings.warn(
+            f"fit: at step {state.step} with {state.where}, the estimate gave {' and '.join(what)}, "
+            f"and they have not moved since step {state.first_step}. {cause}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _log_joint_leaves_autograd(state: FitState) -> bool:
+    """Whether the model's log joint at a few reparameterized guide draws has no gradient with
+    respect to them (best effort, off the fit's RNG stream; False when it cannot tell)."""
+    model, guide = state.model, state.guide
+    try:
+        with torch.random.fork_rng(devices=[state.device] if state.device.type == "cuda" else []):
+            if model.is_subsampled:
+                from vipkg.guides.minibatch import draw_minibatch
+
+                model, guide = draw_minibatch(model, guide)
+            with torch.enable_grad():
+                z = guide().rsample((2,))
+                if not z.requires_grad:
+                    return False
+                return not model.log_joint(guide.constrain(model, z)).requires_grad
+    except Exception:  # no reparameterized draws (discrete guides), a guide without one flat draw
+        return False
+
+
 class RecordGradientVariance(Hook):
     """``fit(diagnostics=GradientVariance(every=...))``: measurements at multiples of ``every``
     and at the last step, each seeing the parameters of the step it is labelled with."""
@@ -690,17 +824,47 @@ def _load_model_params(model, saved: dict, path) -> None:
             p.copy_(saved[k])
 
 
+#: The label of the progress bars of the fits inside :func:`progress_label` (default: the estimator's name).
+_PROGRESS_LABEL: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "vipkg_progress_label", default=None
+)
+
+
+@contextlib.contextmanager
+def progress_label(label: str):
+    """Label the progress bar of every :func:`fit` inside the block with ``label`` (``vipkg compare``
+    names each configuration this way) instead of the estimator's class name."""
+    token = _PROGRESS_LABEL.set(str(label))
+    try:
+        yield
+    finally:
+        _PROGRESS_LABEL.reset(token)
+
+
+def _tqdm():
+    """tqdm's notebook bar when ipywidgets is there, its text bar otherwise: ``tqdm.auto`` in a
+    notebook without ipywidgets prints ``TqdmWarning: IProgress not found`` and falls back anyway."""
+    import importlib.util
+
+    if importlib.util.find_spec("ipywidgets") is None:
+        from tqdm.std import tqdm
+    else:
+        from tqdm.auto import tqdm
+    return tqdm
+
+
 class ProgressBar(Hook):
-    """A tqdm bar, updated every ``every`` steps with the last loss."""
+    """A tqdm bar, updated every ``every`` steps with the last loss; labelled with the estimator's
+    name, or the label of the enclosing :func:`progress_label`."""
 
     def __init__(self, every: int):
         self.every, self.bar, self.shown = every, None, 0
+        self.label = _PROGRESS_LABEL.get()
 
     def start(self, state):
-        from tqdm.auto import tqdm
-
         self.shown = state.step
-        self.bar = tqdm(total=state.steps, initial=state.step, desc=state.estimator.name, leave=False)
+        desc = self.label or state.estimator.name
+        self.bar = _tqdm()(total=state.steps, initial=state.step, desc=desc, leave=False)
 
     def next_stop(self, state):
         return self.shown + self.every

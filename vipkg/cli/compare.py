@@ -19,7 +19,7 @@ from vipkg.diagnostics import GradientVariance, gradient_variance, psis_khat, re
 from vipkg.diagnostics.report import write_compare
 from vipkg.estimators import IncompatibleEstimatorError, catalog
 from vipkg.estimators.catalog import Config
-from vipkg.fit import NonFiniteLossError, fit
+from vipkg.fit import NonFiniteLossError, fit, progress_label
 from vipkg.model import ModelError
 from vipkg.models import ZOO
 
@@ -40,11 +40,8 @@ def _final_bound(result, draws: int, seed: int) -> tuple[float, float]:
     """The fitted guide's bound on many fresh draws: mean and standard error of the loss."""
     if getattr(result.guide, "is_empirical", False):
         return math.nan, math.nan  # particles carry no density, so there is no bound
-    S, K = result.objective.sample_shape(draws)
-    with seeded(seed, result.guide.device):
-        z, log_q = result.guide.sample_and_log_prob((S, K))  # works for discrete guides too
-    per = -result.objective.per_group(result.guide.log_joint(result.model, z) - log_q).double()
-    return float(per.mean()), float(per.std() / math.sqrt(per.numel()))
+    bound, se = result.bound(draws, seed, objective=result.objective)
+    return -bound, se
 
 
 #: Minibatches averaged by the bound of a subsampled model without a held-out bound of its own.
@@ -202,19 +199,20 @@ def compare(
             continue
         guide, estimator, objective = built
         try:
-            result = fit(
-                model,
-                guide,
-                estimator,
-                objective=objective,
-                steps=steps,
-                num_particles=num_particles,
-                lr=cfg.lr or lr,
-                seed=seed,
-                progress=progress,
-                # ~8 estimates per 10% of the run: about 8% extra work for the variance-over-steps plot.
-                diagnostics=GradientVariance(every=max(steps // 10, 1), repeats=8),
-            )
+            with progress_label(cfg.label):  # the bar names the configuration, not only its estimator
+                result = fit(
+                    model,
+                    guide,
+                    estimator,
+                    objective=objective,
+                    steps=steps,
+                    num_particles=num_particles,
+                    lr=cfg.lr or lr,
+                    seed=seed,
+                    progress=progress,
+                    # ~8 estimates per 10% of the run: about 8% extra work for the variance-over-steps plot.
+                    diagnostics=GradientVariance(every=max(steps // 10, 1), repeats=8),
+                )
         except NonFiniteLossError as err:
             # One diverging configuration is a result, not a reason to lose the others.
             skipped.append((cfg.label, f"diverged: {err}"))

@@ -88,18 +88,41 @@ def guide_classes() -> dict:
     )
 
 
+#: The draws per group of ``--objective iwae`` and ``renyi:ALPHA`` when no K is given (IWAE's default).
+DEFAULT_K = 8
+OBJECTIVE_HELP = (
+    f"elbo, iwae:K (K draws per group; plain 'iwae' is iwae:{DEFAULT_K}) or renyi:ALPHA[:K] "
+    f"(plain 'renyi' is renyi:0.5:{DEFAULT_K})"
+)
+
+
 def _objective(spec: str):
-    name, _, arg = spec.lower().partition(":")
+    name, _, rest = spec.lower().partition(":")
+    args = rest.split(":") if rest else []
+    usage = f"use 'elbo', 'iwae:K' (e.g. iwae:{DEFAULT_K}) or 'renyi:ALPHA[:K]' (e.g. renyi:0.5:{DEFAULT_K})."
+
+    def k_of(text):
+        try:
+            k = int(text)
+        except ValueError:
+            raise SystemExit(
+                f"--objective {spec!r}: K must be a positive integer, got {text!r}; {usage}"
+            ) from None
+        if k < 1:
+            raise SystemExit(f"--objective {spec!r}: K must be a positive integer, got {k}; {usage}")
+        return k
+
     try:
-        if name == "elbo" and not arg:
+        if name == "elbo" and not args:
             return ELBO()
-        if name == "iwae":
-            return IWAE(int(arg or 8))
-        if name == "renyi":
-            return Renyi(float(arg or 0.5))
+        if name == "iwae" and len(args) <= 1:
+            return IWAE(k_of(args[0]) if args else DEFAULT_K)
+        if name == "renyi" and len(args) <= 2:
+            alpha = float(args[0]) if args else 0.5
+            return Renyi(alpha, k_of(args[1]) if len(args) > 1 else DEFAULT_K)
     except ValueError as err:
         raise SystemExit(f"--objective {spec!r}: {err}") from None
-    raise SystemExit(f"--objective {spec!r}: use 'elbo', 'iwae:K' (e.g. iwae:8) or 'renyi:ALPHA'.")
+    raise SystemExit(f"--objective {spec!r}: {usage}")
 
 
 def fit_command(
@@ -242,7 +265,7 @@ def add_parser(sub) -> None:
     f.add_argument("--guide-kwargs", default="{}", help="JSON, e.g. '{\"rank\": 3}' for lowrank")
     f.add_argument("--estimator", default="reparam", help="a vipkg.estimators class name, any case")
     f.add_argument("--estimator-kwargs", default="{}", help="JSON, e.g. '{\"step_size\": 0.005}' for fbgvi")
-    f.add_argument("--objective", default="elbo", help="elbo, iwae:K or renyi:ALPHA")
+    f.add_argument("--objective", default="elbo", help=OBJECTIVE_HELP + "; default: elbo")
     f.add_argument("--steps", type=int, default=1000, help="optimisation steps")
     f.add_argument("--num-particles", type=int, default=16, help="draws (groups of draws) per step")
     f.add_argument("--lr", type=float, default=1e-2, help="learning rate")

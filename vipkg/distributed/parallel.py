@@ -72,8 +72,7 @@ class DataParallel(Estimator):
 
     @property
     def trains_model_params(self) -> bool:
-        est = self.estimator
-        return getattr(est, "trains_model_params", getattr(est, "composable", False))
+        return self.estimator.trains_model_params
 
     def state_dict(self) -> dict:
         return self.estimator.state_dict()

@@ -40,6 +40,8 @@ __all__ = [
     "named_latents",
     "align_term",
     "surrogate_backward",
+    "check_trains_model",
+    "check_minibatch_support",
 ]
 
 
@@ -193,6 +195,13 @@ class Estimator(abc.ABC):
         return info
 
     @property
+    def trains_model_params(self) -> bool:
+        """Whether :meth:`estimate` also writes the gradient of the model's own parameters, and can
+        run on minibatches of local sites: true for part estimators, whose one surrogate carries the
+        model's log joint (and each part's scaled log q); update estimators own a step for the guide."""
+        return self.composable
+
+    @property
     def name(self) -> str:
         return type(self).__name__
 
@@ -205,6 +214,28 @@ class Estimator(abc.ABC):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+def check_trains_model(estimator, model) -> None:
+    """Refuse an estimator that cannot learn ``model``'s own parameters with the guide."""
+    if not estimator.trains_model_params:
+        names = [k for k, _ in model.named_parameters()]
+        raise IncompatibleEstimatorError(
+            f"model {model.name!r} has parameters of its own {names}, and {estimator!r} does not "
+            "estimate their gradient (it updates the guide only). Use an estimator that learns the "
+            "model with the guide (Reparam, STL, ScoreFunction, RSVI, GumbelSoftmax, PerSite, or IWAE "
+            "with Reparam), or make the parameters latent sites."
+        )
+
+
+def check_minibatch_support(estimator, model) -> None:
+    """Refuse an estimator that cannot step on minibatches of ``model``'s local sites."""
+    if not estimator.trains_model_params:
+        raise IncompatibleEstimatorError(
+            f"model {model.name!r} has local latent sites {sorted(model.local_sites)} in subsampled "
+            f"plate(s) {sorted(model.plates)}, fitted one minibatch at a time; {estimator!r} owns a "
+            "whole-data step and cannot. Use Reparam, STL, ScoreFunction, RSVI, GumbelSoftmax or PerSite."
+        )
 
 
 def surrogate_backward(guide, loss: torch.Tensor, surrogate: torch.Tensor | None = None) -> None:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 from torch.distributions import constraints
 
-from vipkg.estimators.base import Estimator
+from vipkg.estimators.base import Estimator, check_minibatch_support, check_trains_model
 from vipkg.estimators.bures import BWSGD, FBGVI
 from vipkg.estimators.control_variates import LeaveOneOut, OptimalScaling
 from vipkg.estimators.path import STL, DReG, FastPath
@@ -216,18 +216,15 @@ class Config:
             # As vipkg.fit does: an update estimator cannot step on minibatches, and the estimator
             # sees minibatches only, so check it on one (drawn off the caller's RNG stream).
             from vipkg._rng import seeded
-            from vipkg.fit import _check_goes_through_parts
             from vipkg.guides.minibatch import draw_minibatch
 
-            _check_goes_through_parts(estimator, model)
+            check_minibatch_support(estimator, model)
             with seeded(0):
                 estimator.check(*draw_minibatch(model, guide), objective)
         else:
             estimator.check(model, guide, objective)
         if model.has_parameters:
-            from vipkg.fit import _check_trains_model
-
-            _check_trains_model(estimator, model)
+            check_trains_model(estimator, model)
         if num_particles is not None:
             estimator.check_particles(num_particles)
         return guide, estimator, objective
