@@ -411,29 +411,20 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
     # The evaluation mode: "plate" or "loop"; checked counts are particle counts verified once.
     state = {"mode": "plate" if vectorize == "auto" else vectorize, "checked": set()}
 
-    def site_sums(latents, data):
-        """``{site: Tensor[S]}``: each scored site's log density summed over its own dims."""
-        if state["mode"] == "plate":
+    def site_sums(latents, data, mode=None):
+        """``{site: Tensor[S]}``: each scored site's log density summed over its own dims, by
+        ``mode`` (default the model's current one)."""
+        mode = mode or state["mode"]
+        if mode == "plate":
             tr, S = plated_trace(latents, data)
-            return {
-                n: _lead(s["log_prob"], n).reshape(_lead(s["log_prob"], n).shape[0], -1).sum(-1).expand(S)
-                for n, s in tr.nodes.items()
-                if _is_scored(s)
-            }
-        lp = per_particle(latents, data)["lp"]
+            out = {}
+            for n, s in tr.nodes.items():
+                if _is_scored(s):
+                    lp = _lead(s["log_prob"], n)
+                    out[n] = lp.reshape(lp.shape[0], -1).sum(-1).expand(S)
+            return out
+        lp = (particle_vmap if mode == "vmap" else particle_loop)(latents, data)["lp"]
         return {n: v.reshape(v.shape[0], -1).sum(-1) for n, v in lp.items()}
-
-    def batched_sums(latents, data, mode):
-        if mode == "vmap":
-            lp = particle_vmap(latents, data)["lp"]
-            return {n: v.reshape(v.shape[0], -1).sum(-1) for n, v in lp.items()}
-        tr, S = plated_trace(latents, data)
-        out = {}
-        for n, s in tr.nodes.items():
-            if _is_scored(s):
-                lp = _lead(s["log_prob"], n)
-                out[n] = lp.reshape(lp.shape[0], -1).sum(-1).expand(S)
-        return out
 
     def verify(latents, data, S, mode):
         """A batched evaluation against Pyro's per-particle traces: ``(None, None)`` or ``(what, where)``."""
@@ -444,7 +435,7 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
             torch.manual_seed(_CHECK_SEED)
             try:
                 with recorder:
-                    batched = batched_sums(latents, data, mode)
+                    batched = site_sums(latents, data, mode)
             except ModelError as exc:
                 if "changed its latent sites" in str(exc):
                     raise

@@ -128,9 +128,9 @@ def minibatch_guide(guide, model: Model, model_b: Model, indices: dict[str, torc
         subs, parts = [], []
         for g, sub, sites in zip(guide.parts, guide.sub_models, guide.part_sites):
             if any(s in model.local_sites for s in sites):
-                full = _local_sub_model(model, sites)
+                # The part's sub-model knows its plates (Composite.sub_model keeps them).
                 sub_b = Composite.sub_model(model_b, sites)
-                parts.append(family_view(g, full, sub_b, indices, data=model_b.data))
+                parts.append(family_view(g, sub, sub_b, indices, data=model_b.data))
                 subs.append(sub_b)
             else:
                 parts.append(g)
@@ -141,20 +141,6 @@ def minibatch_guide(guide, model: Model, model_b: Model, indices: dict[str, torc
         view.__dict__["minibatch_of"] = guide
         return view
     return family_view(guide, model, model_b, indices)
-
-
-def _local_sub_model(model: Model, sites) -> Model:
-    from vipkg.guides.composite import _no_log_joint
-
-    local = {s: model.local_sites[s] for s in sites if s in model.local_sites}
-    plates = {p: model.plates[p] for p, _ in local.values()}
-    return Model(
-        {s: model.sites[s] for s in sites},
-        _no_log_joint,
-        name=f"{model.name}[{','.join(sites)}]",
-        plates=plates,
-        local_sites=local,
-    )
 
 
 def draw_minibatch(model: Model, guide, generator: torch.Generator | None = None):
