@@ -15,20 +15,32 @@ import argparse
 import os
 import sys
 
+# The subcommand modules import torch and the rest of vipkg only inside their functions, so
+# that building the parser (and --help) costs no torch import.
 from vipkg.cli import compare as _compare_command
 from vipkg.cli import fit as _fit_command
 from vipkg.cli import models as _models_command
 from vipkg.cli.compare import compare
-from vipkg.estimators.base import IncompatibleEstimatorError
-from vipkg.estimators.catalog import Config
-from vipkg.fit import NonFiniteLossError
 
 __all__ = ["main", "compare", "Config"]
 
 _COMMANDS = {"compare": _compare_command, "models": _models_command, "fit": _fit_command}
 
-#: Errors that describe the user's input or the fit's arithmetic: their message is the whole story.
-_USER_ERRORS = (ValueError, OSError, IncompatibleEstimatorError, NonFiniteLossError)
+
+def __getattr__(name):
+    if name == "Config":
+        from vipkg.estimators.catalog import Config
+
+        return Config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _user_errors() -> tuple:
+    """Errors that describe the user's input or the fit's arithmetic: their message is the whole story."""
+    from vipkg.estimators.base import IncompatibleEstimatorError
+    from vipkg.fit import NonFiniteLossError
+
+    return (ValueError, OSError, IncompatibleEstimatorError, NonFiniteLossError)
 
 
 def _one_line(text: str) -> str:
@@ -68,7 +80,7 @@ def main(argv=None) -> int:
     except Exception as err:
         if os.environ.get("VIPKG_TRACEBACK"):
             raise
-        if isinstance(err, _USER_ERRORS):
+        if isinstance(err, _user_errors()):
             line = f"{prog}: error: {err}"
         else:  # not a mistake in the input that we foresaw: name the error and where to look
             line = f"{prog}: error: {type(err).__name__}: {err} (VIPKG_TRACEBACK=1 shows where it came from)"

@@ -10,24 +10,32 @@ import math
 import os
 import sys
 
-import torch
-
 from vipkg._io import writable_dir
-from vipkg._rng import seeded
 from vipkg.cli._help import HelpFormatter
-from vipkg.diagnostics import GradientVariance, gradient_variance, psis_khat, reference_draws
-from vipkg.diagnostics.report import write_compare
-from vipkg.estimators import IncompatibleEstimatorError, catalog
-from vipkg.estimators.catalog import Config
-from vipkg.fit import NonFiniteLossError, fit, progress_label
-from vipkg.model import ModelError
-from vipkg.models import ZOO
 
-__all__ = ["compare", "Config", "add_parser", "run"]
+# torch, the estimators, the zoo and ArviZ load inside the functions that use them: `vipkg --help`
+# and `vipkg compare --help` must not pay their import time (more than a second).
+
+__all__ = ["compare", "Config", "add_parser", "run"]  # noqa: F822 - Config: module __getattr__
 
 
-def _build(cfg: Config, model, num_particles: int):
+def __getattr__(name):
+    if name == "Config":  # the old import path of the catalogue's Config
+        from vipkg.estimators.catalog import Config
+
+        return Config
+    if name == "fit":  # the fitting function, looked up here so that tests can stand in for it
+        from vipkg.fit import fit
+
+        return fit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _build(cfg, model, num_particles: int):
     """The (guide, estimator, objective) of a line, or the reason it does not fit ``model``."""
+    from vipkg.estimators import IncompatibleEstimatorError
+    from vipkg.model import ModelError
+
     try:
         built = cfg.build(model, num_particles)
     except (IncompatibleEstimatorError, ModelError, ValueError) as err:
@@ -35,12 +43,14 @@ def _build(cfg: Config, model, num_particles: int):
     return built, None
 
 
-@torch.no_grad()
 def _final_bound(result, draws: int, seed: int) -> tuple[float, float]:
     """The fitted guide's bound on many fresh draws: mean and standard error of the loss."""
+    import torch
+
     if getattr(result.guide, "is_empirical", False):
         return math.nan, math.nan  # particles carry no density, so there is no bound
-    bound, se = result.bound(draws, seed, objective=result.objective)
+    with torch.no_grad():
+        bound, se = result.bound(draws, seed, objective=result.objective)
     return -bound, se
 
 
@@ -67,12 +77,21 @@ def _scaled_draw(guide, shape):
     return {k: v.reshape(shape + v.shape[1:]) for k, v in latents.items()}, log_q
 
 
-@torch.no_grad()
 def _subsampled_bound(result, draws: int, seed: int) -> tuple[float, float, str]:
     """The bound of a fit of a model with local latents (whose full-data log joint does not exist
     at once): the model's held-out bound when it has one (the zoo's VAEs: minus the test ELBO per
     image), else minus the mean minibatch bound over :data:`MINIBATCHES` minibatches (unbiased for
     the full-data bound). Mean, standard error and what it is."""
+    import torch
+
+    with torch.no_grad():
+        return _subsampled_bound_no_grad(result, draws, seed)
+
+
+def _subsampled_bound_no_grad(result, draws: int, seed: int) -> tuple[float, float, str]:
+    import torch
+
+    from vipkg._rng import seeded
     from vipkg.guides.minibatch import draw_minibatch
 
     model, guide = result.model, result.guide
@@ -98,6 +117,8 @@ def _subsampled_bound(result, draws: int, seed: int) -> tuple[float, float, str]
 
 def _khat(result, draws, seed) -> float:
     """k-hat of a fitted guide, NaN for guides without a density (particles)."""
+    from vipkg.diagnostics import psis_khat
+
     if getattr(result.guide, "is_empirical", False) or result.model.is_subsampled:
         return math.nan  # no density, or no full-data log joint to weight draws with
     try:
@@ -106,8 +127,22 @@ def _khat(result, draws, seed) -> float:
         return math.inf
 
 
+def _ksd(result, seed) -> float | None:
+    """Kernel Stein discrepancy of the fit (100 draws or the particles); None where it cannot be had."""
+    from vipkg.diagnostics.ksd import guide_ksd
+
+    if result.model.is_subsampled:
+        return None  # the score needs the full-data log joint
+    try:
+        return guide_ksd(result.model, result.guide, 100, seed=seed)
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError, TypeError):
+        return None  # e.g. discrete sites: no score in an unconstrained space
+
+
 def _reference(model, reference: str, seed: int):
     """Reference posterior draws for ``posterior.png``, or None."""
+    from vipkg.diagnostics import reference_draws
+
     if reference == "nuts":
         return reference_draws(model, 1000, method="nuts", seed=seed)
     if reference == "auto":
@@ -141,6 +176,18 @@ def _notes(model, loss_note, guides) -> list[str]:
             "families (mean-field, categorical, Composite.auto) of the labels."
         )
     return notes
+
+
+def _particle_notes(results) -> list[str]:
+    """Why a particle fit's loss and k-hat are nan: say it in the table, not only by a bare nan."""
+    labels = [label for label, r in results.items() if getattr(r.guide, "is_empirical", False)]
+    if not labels:
+        return []
+    return [
+        f"{', '.join(labels)}: particles are point masses without a density, so there is no bound and no "
+        "importance ratio (no k-hat); their line in loss_traces.png is minus the mean log joint of the "
+        "particles, not a bound. The KSD column compares them with the other fits."
+    ]
 
 
 def compare(
@@ -178,6 +225,14 @@ def compare(
     has one (:func:`vipkg.models.heldout_elbo`, nats per test image) or else by the mean
     minibatch bound; k-hat is NaN for it. The table says which.
     """
+    from vipkg.diagnostics import GradientVariance, gradient_variance
+    from vipkg.diagnostics.report import write_compare
+    from vipkg.estimators import catalog
+    from vipkg.fit import NonFiniteLossError, progress_label
+    from vipkg.models import ZOO
+
+    fit = globals().get("fit") or __getattr__("fit")
+
     stream = stream or sys.stdout
     if model_name not in ZOO:
         raise ValueError(f"unknown model {model_name!r}; choose one of {sorted(ZOO)} (vipkg models).")
@@ -240,12 +295,20 @@ def compare(
                 "ms_per_step": result.ms_per_step,
                 "grad_trace_var": gv.total_trace,
                 "khat": khat,
+                "ksd": _ksd(result, seed + 4),
+                "particles": bool(getattr(result.guide, "is_empirical", False)),
             }
         )
         results[cfg.label] = result
         if cfg.uses_default_guide(model):
             guides.add(getattr(model.default_guide, "func", model.default_guide).__name__)
-        print(f"  {cfg.label:<26} loss {loss:10.3f} ± {se:.3f}  k-hat {khat:5.2f}", file=stream, flush=True)
+        ksd = rows[-1]["ksd"]
+        tail = f"  KSD {ksd:.3g}" if ksd is not None else ""
+        if rows[-1]["particles"]:
+            line = f"  {cfg.label:<26} no bound (particles have no density){tail}"
+        else:
+            line = f"  {cfg.label:<26} loss {loss:10.3f} ± {se:.3f}  k-hat {khat:5.2f}{tail}"
+        print(line, file=stream, flush=True)
 
     if not rows:
         reasons = "; ".join(f"{label}: {reason}" for label, reason in skipped)
@@ -260,7 +323,7 @@ def compare(
         skipped=skipped,
         reference=_reference(model, reference, seed),
         seed=seed,
-        notes=_notes(model, loss_note, guides),
+        notes=_notes(model, loss_note, guides) + _particle_notes(results),
     )
     print(table, file=stream)
     print("wrote " + ", ".join(str(p) for p in written), file=stream)
@@ -280,8 +343,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--model",
         default="logistic_regression",
-        choices=sorted(ZOO),
         metavar="NAME",
+        # No choices=: the zoo's names would import it (and torch) for --help; compare() checks.
         help="zoo model to fit (vipkg models lists them)",
     )
     p.add_argument("--steps", type=int, default=1000, help="optimisation steps per configuration")

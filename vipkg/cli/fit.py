@@ -13,25 +13,27 @@ import os
 import warnings
 from pathlib import Path
 
-import torch.distributed as dist
-
-import vipkg.guides
 from vipkg._io import atomic_save, atomic_write_bytes, writable_dir
 from vipkg.cli._help import HelpFormatter
-from vipkg.distributed import fit as distributed_fit
-from vipkg.distributed import init_process_group
-from vipkg.distributed.group import _rank_world
-from vipkg.estimators import catalog
-from vipkg.fit import fit as fit_one
-from vipkg.guides.base import Guide
-from vipkg.model import Model
-from vipkg.models import ZOO
-from vipkg.objectives import ELBO, IWAE, Renyi
+
+# torch, the estimators, the zoo and torch.distributed load inside the functions that use them:
+# `vipkg --help` and `vipkg fit --help` must not pay their import time (more than a second).
 
 __all__ = ["fit_command", "estimator_classes", "guide_classes", "add_parser", "run"]
 
 
+def __getattr__(name):
+    if name == "fit_one":  # the fitting function, looked up here so that tests can stand in for it
+        from vipkg.fit import fit
+
+        return fit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _resolve_model(spec: str, kwargs: dict):
+    from vipkg.model import Model
+    from vipkg.models import ZOO
+
     if spec in ZOO:
         fn = ZOO[spec]
     elif ":" in spec:
@@ -74,6 +76,8 @@ def estimator_classes() -> dict:
     The catalogue (:mod:`vipkg.estimators.catalog`) has a configuration for every estimator
     that :mod:`vipkg.estimators` exports (its tests check that), so new ones are choices too.
     """
+    from vipkg.estimators import catalog
+
     table = {cls.__name__.lower(): cls for cls in catalog.estimator_classes()}
     table["score"] = table["scorefunction"]
     return table
@@ -81,6 +85,9 @@ def estimator_classes() -> dict:
 
 def guide_classes() -> dict:
     """``--guide`` choices: every guide class in ``vipkg.guides.__all__`` plus short names."""
+    import vipkg.guides
+    from vipkg.guides.base import Guide
+
     return _by_name(
         vipkg.guides,
         Guide,
@@ -97,6 +104,8 @@ OBJECTIVE_HELP = (
 
 
 def _objective(spec: str):
+    from vipkg.objectives import ELBO, IWAE, Renyi
+
     name, _, rest = spec.lower().partition(":")
     args = rest.split(":") if rest else []
     usage = f"use 'elbo', 'iwae:K' (e.g. iwae:{DEFAULT_K}) or 'renyi:ALPHA[:K]' (e.g. renyi:0.5:{DEFAULT_K})."
@@ -157,6 +166,13 @@ def fit_command(
     under ``distributed`` only rank 0 writes. Returns the summary (with ``"rank"`` under
     ``distributed``). ``out`` is created and checked writable before anything is fitted.
     """
+    import torch.distributed as dist
+
+    from vipkg.distributed import fit as distributed_fit
+    from vipkg.distributed import init_process_group
+    from vipkg.distributed.group import _rank_world
+
+    fit_one = globals().get("fit_one") or __getattr__("fit_one")
     estimators, guides = estimator_classes(), guide_classes()
     if estimator.lower() not in estimators:
         raise SystemExit(f"--estimator {estimator!r}: choose one of {sorted(estimators)}.")
@@ -264,7 +280,12 @@ def add_parser(sub) -> None:
     )
     f.add_argument("--guide-kwargs", default="{}", help="JSON, e.g. '{\"rank\": 3}' for lowrank")
     f.add_argument("--estimator", default="reparam", help="a vipkg.estimators class name, any case")
-    f.add_argument("--estimator-kwargs", default="{}", help="JSON, e.g. '{\"step_size\": 0.005}' for fbgvi")
+    f.add_argument(
+        "--estimator-kwargs",
+        default="{}",
+        help='JSON, e.g. \'{"hessian": "stein"}\' for fbgvi (its step comes from the target unless '
+        "step_size is given)",
+    )
     f.add_argument("--objective", default="elbo", help=OBJECTIVE_HELP + "; default: elbo")
     f.add_argument("--steps", type=int, default=1000, help="optimisation steps")
     f.add_argument("--num-particles", type=int, default=16, help="draws (groups of draws) per step")

@@ -27,7 +27,9 @@ def compare_table(
     name : str
         The model's name, for the title.
     rows : sequence of dict
-        With keys ``estimator``, ``loss``, ``loss_se``, ``ms_per_step``, ``grad_trace_var``, ``khat``.
+        With keys ``estimator``, ``loss``, ``loss_se``, ``ms_per_step``, ``grad_trace_var``, ``khat``;
+        optional ``ksd`` (kernel Stein discrepancy) and ``particles`` (true for a particle fit, whose
+        bound and k-hat cells then say why they are absent).
     steps, num_particles : int
         The fit's settings, for the caption.
     skipped : sequence of (label, reason)
@@ -39,16 +41,23 @@ def compare_table(
         "",
         f"{steps} steps, {num_particles} particles per step, Adam. Loss = minus the bound on fresh draws "
         "(± standard error); gradient variance = trace of the covariance of the loss gradient at the end; "
-        "PSIS k-hat of the fitted guide (< 0.5 good, > 0.7 unreliable; Yao et al. 2018).",
+        "PSIS k-hat of the fitted guide (< 0.5 good, > 0.7 unreliable; Yao et al. 2018); KSD = kernel Stein "
+        "discrepancy (IMQ kernel, Gorham & Mackey 2017) of 100 guide draws or the particles, in the "
+        "unconstrained space: the one column that also scores particle fits (lower is better).",
         "",
         *[line for note in notes for line in (note, "")],
-        "| estimator | final loss | ± se | ms/step | grad trace-variance | PSIS k-hat |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| estimator | final loss | ± se | ms/step | grad trace-variance | PSIS k-hat | KSD |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        # A bound that does not exist is said in words, not left as a bare nan.
+        loss = "no bound (particles)" if r.get("particles") else f"{r['loss']:.3f}"
+        se = "–" if r.get("particles") else f"{r['loss_se']:.3f}"
+        khat = "– (no density)" if r.get("particles") else f"{r['khat']:.2f}"
+        ksd = f"{r['ksd']:.3g}" if r.get("ksd") is not None else "–"
         lines.append(
-            f"| {r['estimator']} | {r['loss']:.3f} | {r['loss_se']:.3f} | {r['ms_per_step']:.3f} "
-            f"| {r['grad_trace_var']:.4g} | {r['khat']:.2f} |"
+            f"| {r['estimator']} | {loss} | {se} | {r['ms_per_step']:.3f} "
+            f"| {r['grad_trace_var']:.4g} | {khat} | {ksd} |"
         )
     if skipped:
         lines += ["", "Not run, or diverged, on this model:", ""]
@@ -65,13 +74,13 @@ def _pyplot():
     return plt
 
 
-def save_figure(path: str | os.PathLike, draw: Callable, *, figsize=(8, 4.5), dpi: int = 120) -> None:
+def save_figure(path: str | os.PathLike, draw: Callable, *, figsize=(10, 4.5), dpi: int = 120) -> None:
     """Draw ``draw(figure)`` on a new figure and write it to ``path`` as PNG, atomically."""
     plt = _pyplot()
-    fig = plt.figure(figsize=figsize)
+    # Constrained layout, not tight_layout: it makes room for the legends outside the axes.
+    fig = plt.figure(figsize=figsize, layout="constrained")
     try:
         draw(fig)
-        fig.tight_layout()
         atomic_save(Path(path), lambda p: fig.savefig(p, dpi=dpi, format="png"))
     finally:
         plt.close(fig)
@@ -135,7 +144,7 @@ def write_compare(
 
     save_figure(out / "loss_traces.png", losses_fig)
     save_figure(out / "grad_variance.png", variance_fig)
-    save_figure(out / "khat.png", khat_fig)
+    save_figure(out / "khat.png", khat_fig, figsize=(10, min(0.3 * len(rows) + 1.6, 12.0)))
     written = ["compare.md", "compare.nc", "loss_traces.png", "grad_variance.png", "khat.png"]
     if reference is not None:
         plt = _pyplot()
