@@ -24,6 +24,7 @@ ORDER = [
     "gp",
     "accuracy",
     "pyro_programs",
+    "enum",
     "vae",
     "distributed",
     "diagnostics",

@@ -200,8 +200,9 @@ def test_enumerate_annotations_warn():
         z = pyro.sample("z", dist.Bernoulli(0.5), infer={"enumerate": "parallel"})
         pyro.sample("y", dist.Normal(z, 1.0), obs=y)
 
+    # Enumerated by default (tests/test_enumeration.py); with enumeration off the annotation warns.
     with pytest.warns(PyroProgramWarning, match=r"sites \['z'\] are marked for enumeration"):
-        vipkg.Model.from_pyro(model, torch.tensor(1.0))
+        vipkg.Model.from_pyro(model, torch.tensor(1.0), enumerate=False)
 
 
 def test_vectorize_argument_is_checked():

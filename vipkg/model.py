@@ -123,6 +123,12 @@ class Model:
         each site's score is multiplied only by the terms that depend on it.
     term_sites : mapping of str to iterable of str, optional
         For each term, the latent sites it depends on.
+    term_plates : mapping of str to mapping of str to int, optional
+        For each term, the plates it lies in and the (negative, right-aligned) dimension
+        of its local shape each one indexes, as ``pyro.plate(..., dim=)`` counts them:
+        ``{"x": {"data": -1}}`` for a term ``[S, B]``. With ``term_sites`` it tells
+        which terms are per datum of a subsampled plate (:attr:`datum_plate`), for
+        bounds that importance-weight each datum's draws (:meth:`log_joint_by_datum`).
     deterministic : callable, optional
         ``fn(latents, data) -> dict[name, Tensor[S, *shape]]``: quantities computed
         from the latents that are worth reporting with them (Pyro's
@@ -174,6 +180,7 @@ class Model:
         observed: Mapping[str, torch.Tensor] | None = None,
         log_joint_terms: Callable | None = None,
         term_sites: Mapping[str, Any] | None = None,
+        term_plates: Mapping[str, Mapping[str, int]] | None = None,
         per_datum: tuple[str, ...] = (),
         deterministic: Callable | None = None,
         params: Mapping[str, torch.Tensor] | torch.nn.Module | None = None,
@@ -237,6 +244,21 @@ class Model:
                     raise ModelError(
                         f"model {name!r}: term {t!r} depends on unknown site(s) {sorted(unknown)}; "
                         f"the latent sites are {list(sites)}."
+                    )
+        self.term_plates: dict[str, dict[str, int]] | None = None
+        if term_plates is not None:
+            if self.term_sites is None:
+                raise ModelError(
+                    f"model {name!r}: term_plates needs log_joint_terms and term_sites (which terms "
+                    "depend on which sites) to go with it."
+                )
+            self.term_plates = {t: dict(v) for t, v in term_plates.items()}
+            for t, v in self.term_plates.items():
+                bad = {p: d for p, d in v.items() if not isinstance(d, int) or d >= 0}
+                if t not in self.term_sites or bad:
+                    raise ModelError(
+                        f"model {name!r}: term_plates[{t!r}] = {v!r}: every entry must be a term of "
+                        "term_sites mapped to {plate: negative dim}."
                     )
         self._transforms: dict[str, Transform] = {}
         self._ushapes: dict[str, torch.Size] = {}
@@ -412,6 +434,66 @@ class Model:
         self._require_minibatch("log_joint_terms")
         return self._terms_fn(dict(latents), self.data)
 
+    @property
+    def datum_plate(self) -> str | None:
+        """The subsampled plate over which the model factorizes into one factor per datum, if any.
+
+        It is the plate of every latent site (all are local sites of one plate) when the model
+        exposes its terms with their plates (``term_plates``) and each term either lies in the
+        plate or depends on no latent site. Then ``log p(x, z) = rest + sum_i log p(x_i, z_i)``
+        and a bound can weight each datum's draws on its own (:meth:`log_joint_by_datum`).
+        None otherwise (a minibatch model answers for the full model it was cut from).
+        """
+        full = self.minibatch_of or self
+        if not full.local_sites or full.term_plates is None or full.term_sites is None:
+            return None
+        plates = {p for p, _ in full.local_sites.values()}
+        if len(plates) != 1 or set(full.local_sites) != set(full.sites):
+            return None
+        (plate,) = plates
+        for t, deps in full.term_sites.items():
+            if deps and plate not in full.term_plates.get(t, {}):
+                return None
+        return plate
+
+    def log_joint_by_datum(self, latents: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log joint of a minibatch split by datum: ``(per_datum [S, B], rest [S])``.
+
+        ``per_datum[:, i]`` is ``log p(x_i, z_i)`` of the minibatch's ``i``-th data point,
+        *unscaled*; ``rest`` holds the terms outside the plate (which depend on no latent site).
+        The minibatch's log joint is ``rest + (N / B) * per_datum.sum(-1)``.
+        """
+        plate = self.datum_plate
+        if plate is None or self.minibatch_of is None:
+            raise ModelError(
+                f"model {self.name!r} does not factorize over the data points of a minibatch: its latent "
+                "sites must all be local sites of one subsampled plate, and it must expose its terms "
+                "with their plates (log_joint_terms, term_sites, term_plates; Pyro programs and the "
+                "zoo's VAEs do). Evaluate it on a minibatch, model.minibatch(model.subsample_indices())."
+            )
+        p = self.plates[plate]
+        scale = p.size / p.subsample_size
+        terms = self.log_joint_terms(latents)
+        S = next(iter(latents.values())).shape[0]
+        per, rest = None, None
+        for t, v in terms.items():
+            d = self.term_plates.get(t, {}).get(plate)
+            if d is None:
+                v = v.reshape(v.shape[0], -1).sum(-1)
+                rest = v if rest is None else rest + v
+                continue
+            axis = v.dim() + d
+            if axis < 1 or v.shape[axis] != p.subsample_size:
+                raise ModelError(
+                    f"model {self.name!r}: term {t!r} has shape {tuple(v.shape)}, with no dimension "
+                    f"{d} of size {p.subsample_size} for plate {plate!r} (term_plates says it lies there)."
+                )
+            v = v.movedim(axis, 1).reshape(v.shape[0], p.subsample_size, -1).sum(-1) / scale
+            per = v if per is None else per + v
+        if per is None:
+            raise ModelError(f"model {self.name!r}: no term lies in plate {plate!r}.")
+        return per.expand(S, -1), (per.new_zeros(S) if rest is None else rest.expand(S))
+
     def log_joint_unconstrained(self, u: torch.Tensor) -> torch.Tensor:
         """log p(x, T(u)) + log |det dT/du| per particle for ``u: Tensor[S, dim]``."""
         if self._identity:
@@ -516,7 +598,14 @@ class Model:
 
     @classmethod
     def from_pyro(
-        cls, fn: Callable, *args, name: str | None = None, vectorize: str = "auto", **kwargs
+        cls,
+        fn: Callable,
+        *args,
+        name: str | None = None,
+        vectorize: str = "auto",
+        enumerate: str | list | bool | None = "auto",
+        max_plate_nesting: int | None = None,
+        **kwargs,
     ) -> Model:
         """A model from any Pyro program.
 
@@ -540,9 +629,18 @@ class Model:
         :class:`~vipkg.frontends.pyro.PyroVectorizationWarning` naming the
         site and the likely pattern; :attr:`vectorization` says which is used.
         Shapes are validated with Pyro's own check (a log-prob dimension no plate
-        declares, inside a plate, is a :class:`ModelError`). Enumerate annotations
-        get a :class:`~vipkg.frontends.pyro.PyroProgramWarning` (vipkg does not
-        enumerate yet).
+        declares, inside a plate, is a :class:`ModelError`).
+
+        Finite discrete sites marked ``infer={"enumerate": "parallel"}`` (or by
+        ``config_enumerate``), or named in ``enumerate=``, are summed out exactly
+        with Pyro's enumeration and tensor contraction (as ``TraceEnum_ELBO``
+        does for model-side sites; plates and ``pyro.markov`` included, see
+        :mod:`vipkg.frontends.pyro_enum`): the model's sites are the others, its
+        log joint is marginal over the enumerated ones, and
+        ``model.enumeration`` gives their posterior marginals and draws
+        (:func:`vipkg.diagnostics.enumerated_marginals`). With
+        ``enumerate=False`` annotated sites are guided like other discrete sites,
+        with a :class:`~vipkg.frontends.pyro.PyroProgramWarning`.
 
         The program's ``pyro.param`` and ``PyroModule`` parameters are the model's
         own (:meth:`named_parameters`; :func:`vipkg.fit` learns them with the
@@ -562,14 +660,31 @@ class Model:
             ``"auto"``: the checked particle plate, falling back to ``vmap`` and then
             to a loop; ``"plate"``: the particle plate unchecked; ``"vmap"``:
             ``torch.func.vmap`` over particles; ``"loop"``: one particle at a time.
+        enumerate : {"auto"} or list of str or False, optional
+            ``"auto"`` (default): sum out the sites the program marks for parallel
+            enumeration; a list: sum out exactly these sites; ``False`` or ``None``:
+            enumerate nothing. Sequential enumeration is refused (:class:`ModelError`).
+        max_plate_nesting : int, optional
+            The program's plate depth (as for Pyro's ``TraceEnum_ELBO``); inferred
+            from a trace when omitted. Particles sit at ``-(max_plate_nesting + 1)``,
+            enumeration dimensions left of them.
 
         References
         ----------
         .. [1] Bingham, E. et al. "Pyro: Deep Universal Probabilistic Programming".
            JMLR 20 (2019).
+        .. [2] Obermeyer, F. et al. "Tensor Variable Elimination for Plated Factor
+           Graphs". ICML (2019).
         """
         from vipkg.frontends.pyro import pyro_model  # frontends -> model: import here
 
         return pyro_model(
-            cls, fn, args, kwargs, name=name or getattr(fn, "__name__", "pyro_model"), vectorize=vectorize
+            cls,
+            fn,
+            args,
+            kwargs,
+            name=name or getattr(fn, "__name__", "pyro_model"),
+            vectorize=vectorize,
+            enumerate=enumerate,
+            max_plate_nesting=max_plate_nesting,
         )

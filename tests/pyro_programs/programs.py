@@ -48,7 +48,8 @@ PYRO_COMMIT = "ff6ae1c9572591791aae8842bcd702fcf0b46fd6"
 #: parameters, which vipkg learns with the guide); ``local_subsample``: local latent sites in a
 #: subsampled plate (vectorized plates: minibatches; sequential ones, ``for i in pyro.plate(...)``, are
 #: ``unsupported``: a ``vipkg.ModelError``); ``enumerate``: ``infer={"enumerate": ...}``
-#: annotations (vipkg warns: it samples those sites instead of summing them out); ``unsupported``:
+#: annotations (vipkg sums those sites out; with ``enumerate=False`` it warns and guides them; a program
+#: whose every latent site is enumerated is ``unsupported``: nothing is left for a guide); ``unsupported``:
 #: outside what vipkg fits, ``error`` / ``match`` say which error and what its message must name.
 TAGS = frozenset({"continuous", "discrete", "params", "local_subsample", "enumerate", "unsupported"})
 
@@ -74,7 +75,8 @@ class Program:
         Regex the expected error's message must match: the site, or what to change.
     warns : dict, optional
         ``{"params" or "enumerate": regex}``: the ``UserWarning`` vipkg gives for a model-side
-        parameter / an enumerate annotation must match it (name the parameter / site).
+        parameter / an enumerate annotation under ``enumerate=False`` must match it (name the
+        parameter / site); an enumerated site must match the ``enumerate`` regex too.
     subsample : bool
         The program has a subsampled plate: log joints are compared under equal torch seeds.
     fit_steps : int
@@ -505,7 +507,9 @@ def _():
 @program(
     "enum_discrete_parallel_nested",
     VALID + "test_enum_discrete_parallel_nested_ok[inf]",
-    "discrete+enumerate",
+    "discrete+enumerate+unsupported",
+    error=vipkg.ModelError,
+    match=r"every latent site is enumerated",
     warns={"enumerate": "x2"},
     notes="config_enumerate(model, 'parallel') as in the source's guide",
 )
@@ -522,7 +526,9 @@ def _():
 @program(
     "enumerate_parallel_plate",
     VALID + "test_enumerate_parallel_plate_ok[parallel-True-None]",
-    "discrete+enumerate",
+    "discrete+enumerate+unsupported",
+    error=vipkg.ModelError,
+    match=r"every latent site is enumerated",
     warns={"enumerate": "x536"},
     notes="config_enumerate(model, 'parallel', expand=True); the shape checks of Pyro's enumeration removed",
 )
@@ -543,7 +549,9 @@ def _():
 @program(
     "enum_discrete_plate_dependency",
     VALID + "test_enum_discrete_plate_dependency_warning",
-    "discrete+enumerate+local_subsample",
+    "discrete+enumerate+local_subsample+unsupported",
+    error=vipkg.ModelError,
+    match=r"(?s)cannot be enumerated.*common poutine.scale",
     warns={"enumerate": "'w'"},
     subsample=True,
 )
@@ -664,7 +672,9 @@ def _():
 @program(
     "enum_in_model_plate_reuse",
     VALID + "test_enum_in_model_plate_reuse_ok",
-    "discrete+params+enumerate",
+    "discrete+params+enumerate+unsupported",
+    error=vipkg.ModelError,
+    match=r"every latent site is enumerated",
     warns={"params": "'p'", "enumerate": "'a'"},
 )
 def _():
@@ -684,7 +694,9 @@ def _():
 @program(
     "enum_recycling_chain",
     VALID + "test_enum_recycling_chain",
-    "discrete+params+enumerate",
+    "discrete+params+enumerate+unsupported",
+    error=vipkg.ModelError,
+    match=r"every latent site is enumerated",
     warns={"params": "'p'", "enumerate": "x_0"},
 )
 def _():
@@ -701,7 +713,9 @@ def _():
 @program(
     "enum_recycling_dbn",
     VALID + "test_enum_recycling_dbn[True-False]",
-    "discrete+params+enumerate",
+    "discrete+params+enumerate+unsupported",
+    error=vipkg.ModelError,
+    match=r"every latent site is enumerated",
     warns={"params": "'r'", "enumerate": "x_0"},
     notes="markov=False (11 steps), use_vindex=True",
 )
@@ -724,7 +738,9 @@ def _():
 @program(
     "enum_recycling_nested",
     VALID + "test_enum_recycling_nested",
-    "discrete+params+enumerate",
+    "discrete+params+enumerate+unsupported",
+    error=vipkg.ModelError,
+    match=r"every latent site is enumerated",
     warns={"params": "'p'", "enumerate": "'x'"},
 )
 def _():
@@ -745,7 +761,9 @@ def _():
 @program(
     "enum_recycling_grid",
     VALID + "test_enum_recycling_grid[True]",
-    "discrete+params+enumerate",
+    "discrete+params+enumerate+unsupported",
+    error=vipkg.ModelError,
+    match=r"every latent site is enumerated",
     warns={"params": "p_leaf", "enumerate": "x_0_0"},
     notes="use_vindex=True",
 )
@@ -766,7 +784,9 @@ def _():
 @program(
     "enum_recycling_reentrant",
     VALID + "test_enum_recycling_reentrant",
-    "discrete+params+enumerate",
+    "discrete+params+enumerate+unsupported",
+    error=vipkg.ModelError,
+    match=r"every latent site is enumerated",
     warns={"params": "p_branch", "enumerate": "branch_a"},
     notes="3 levels of the source's 5-fold nested data tuple",
 )
@@ -796,7 +816,9 @@ def _():
 @program(
     "enum_recycling_plate",
     VALID + "test_enum_recycling_plate",
-    "discrete+params+enumerate",
+    "discrete+params+enumerate+unsupported",
+    error=vipkg.ModelError,
+    match=r"every latent site is enumerated",
     warns={"params": "'q'", "enumerate": "'a'"},
 )
 def _():
@@ -845,7 +867,9 @@ def _():
 @program(
     "markov_history",
     VALID + "test_markov_history[2]",
-    "discrete+params+enumerate",
+    "discrete+params+enumerate+unsupported",
+    error=vipkg.ModelError,
+    match=r"every latent site is enumerated",
     warns={"params": "'q'", "enumerate": "x_0"},
     notes="history=2 (the valid cases are history >= 2)",
 )
@@ -2245,13 +2269,14 @@ def build(prog: Program):
     return prog.make()
 
 
-def vipkg_model(prog: Program, fn, args, kwargs, *, quiet: bool = True) -> vipkg.Model:
-    """``vipkg.Model.from_pyro`` of the program; ``quiet`` silences vipkg's UserWarnings (tested apart)."""
+def vipkg_model(prog: Program, fn, args, kwargs, *, quiet: bool = True, **options) -> vipkg.Model:
+    """``vipkg.Model.from_pyro`` of the program (``options``: from_pyro's own, e.g. ``enumerate=False``);
+    ``quiet`` silences vipkg's UserWarnings (tested apart)."""
     if not quiet:
-        return vipkg.Model.from_pyro(fn, *args, name=prog.name, **kwargs)
+        return vipkg.Model.from_pyro(fn, *args, name=prog.name, **options, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return vipkg.Model.from_pyro(fn, *args, name=prog.name, **kwargs)
+        return vipkg.Model.from_pyro(fn, *args, name=prog.name, **options, **kwargs)
 
 
 def prior_latents(fn, args, kwargs) -> dict[str, torch.Tensor]:
@@ -2278,6 +2303,17 @@ PARTICLE_COUNTS = (1, 3, 7)
 def pyro_reference(fn, args, kwargs, values) -> float:
     torch.manual_seed(EVAL_SEED)
     return float(pyro_log_joint(fn, args, kwargs, values))
+
+
+def pyro_enum_reference(fn, args, kwargs, values, max_plate_nesting: int) -> float:
+    """Pyro's log joint at ``values`` with every other (enumerated) site summed out: minus
+    ``TraceEnum_ELBO``'s loss of the program conditioned on ``values`` with an empty guide."""
+    from pyro.infer import TraceEnum_ELBO
+
+    torch.manual_seed(EVAL_SEED)
+    elbo = TraceEnum_ELBO(max_plate_nesting=max_plate_nesting)
+    with torch.no_grad():
+        return -elbo.loss(poutine.condition(fn, data=values), lambda *a, **k: None, *args, **kwargs)
 
 
 def prior_draws(fn, args, kwargs, k: int, start: int = 0) -> list[dict]:
@@ -2341,14 +2377,24 @@ def compare_log_joint(model, fn, args, kwargs, counts=PARTICLE_COUNTS) -> list[L
     for S in counts:
         draws = prior_draws(fn, args, kwargs, S, start)
         start += 50 * S
-        assert set(model.sites) == set(draws[0]), (
-            f"vipkg's latent sites {sorted(model.sites)} are not Pyro's {sorted(draws[0])}"
+        enumerated = set(getattr(getattr(model, "enumeration", None), "sites", ()))
+        assert set(model.sites) | enumerated == set(draws[0]) and not set(model.sites) & enumerated, (
+            f"vipkg's latent sites {sorted(model.sites)} (and enumerated {sorted(enumerated)}) are not "
+            f"Pyro's {sorted(draws[0])}"
         )
         for name, site in model.sites.items():
             assert tuple(site.shape) == tuple(draws[0][name].shape), (
                 f"site {name!r}: vipkg's shape {tuple(site.shape)}, Pyro's {tuple(draws[0][name].shape)}"
             )
-        expected = torch.tensor([pyro_reference(fn, args, kwargs, d) for d in draws], dtype=torch.float64)
+        if enumerated:
+            # The enumerated sites are summed out: Pyro's TraceEnum_ELBO at the other sites' values.
+            mpn = max_plate_nesting(fn, args, kwargs)
+            draws = [{k: v for k, v in d.items() if k in model.sites} for d in draws]
+            expected = torch.tensor(
+                [pyro_enum_reference(fn, args, kwargs, d, mpn) for d in draws], dtype=torch.float64
+            )
+        else:
+            expected = torch.tensor([pyro_reference(fn, args, kwargs, d) for d in draws], dtype=torch.float64)
         stacked = {name: torch.stack([d[name] for d in draws]) for name in model.sites}
         torch.manual_seed(EVAL_SEED)
         with torch.no_grad():

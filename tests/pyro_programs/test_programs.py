@@ -3,7 +3,8 @@
 For every program of the registry:
 
 * ``test_log_joint_matches_pyro``: at prior draws (Pyro's own trace), ``model.log_joint`` for 1, 3
-  and 7 particles at once equals, draw by draw, ``trace(condition(fn, draw)).log_prob_sum()`` to
+  and 7 particles at once equals, draw by draw, ``trace(condition(fn, draw)).log_prob_sum()`` (with
+  enumerated sites: minus ``TraceEnum_ELBO``'s loss of the conditioned program, an empty guide) to
   ``RTOL`` (float64; torch is seeded identically before every evaluation, so subsampled plates draw
   the same minibatch; local latents are compared on one minibatch, ``model.minibatch(indices)``);
 * ``test_fit_matches_pyro`` (continuous programs): ``MeanFieldNormal`` + ``Reparam`` after
@@ -16,11 +17,16 @@ For every program of the registry:
   must improve on its starting guide. Model-side parameters stay at their initial values on both
   sides, so both fit a guide to the same model;
 * ``test_discrete_fit_runs`` (discrete programs, and local latents in subsampled plates): ``per_site.auto``
-  fits a few steps with finite losses (model-side parameters held fixed here too);
+  (``MeanFieldNormal`` + ``Reparam`` where enumeration left only continuous sites) fits a few steps with
+  finite losses (model-side parameters held fixed here too);
 * ``test_unsupported_is_refused``: programs outside what vipkg supports raise the documented vipkg
   error, and its message names the site or what to change;
-* ``test_enumerate_annotations_warn``: enumerate annotations give a ``UserWarning`` naming the sites
-  (vipkg does not enumerate yet);
+* ``test_enumerate_annotations_are_summed_out``: sites annotated for parallel enumeration are summed
+  out by default (``model.enumeration.sites``); the log joint test above then compares with Pyro's
+  ``TraceEnum_ELBO`` at the other sites' values. Programs whose every latent site is enumerated leave
+  nothing to guide and are refused (``unsupported``);
+* ``test_enumerate_annotations_warn_when_enumeration_is_off``: with ``enumerate=False`` the annotations
+  give a ``UserWarning`` naming the sites (they are guided like other discrete sites);
 * ``test_model_side_parameters_are_the_models_own``: every ``pyro.param`` / ``PyroModule`` parameter of
   the program is a parameter of the model (which ``fit`` learns), and Pyro's global store is untouched.
 
@@ -31,6 +37,7 @@ For every program of the registry:
 from __future__ import annotations
 
 import math
+import re
 
 import pyro
 import pytest
@@ -159,7 +166,11 @@ def _between_seed_variance(cmp) -> float:
 def test_discrete_fit_runs(prog):
     fn, args, kwargs = build(prog)
     model = vipkg_model(prog, fn, args, kwargs)
-    guide, estimator = per_site.auto(model)
+    if model.is_continuous and not model.is_subsampled:
+        # Every discrete site was enumerated: an ordinary continuous model.
+        guide, estimator = MeanFieldNormal(model), vipkg.Reparam()
+    else:
+        guide, estimator = per_site.auto(model)
     # Model-side parameters stay fixed here too: some programs use an unconstrained pyro.param as a
     # probability (test_markov_history's `p`), which a learning step can push outside [0, 1].
     frozen = {"model_lr": 0.0} if getattr(model, "has_parameters", False) else {}
@@ -193,20 +204,36 @@ def test_unsupported_is_refused(prog):
         vipkg.fit(model, guide, estimator, steps=2, num_particles=2, seed=0, progress=False)
 
 
-def _warn_cases():
+def _warn_cases(*, runnable):
     return [
         pytest.param(prog, prog.warns["enumerate"], id=prog.name)
         for prog in PROGRAMS
-        if not prog.expects_error and "enumerate" in prog.warns
+        if "enumerate" in prog.warns and (not runnable or not prog.expects_error)
     ]
 
 
-@pytest.mark.parametrize("prog, match", _warn_cases())
-def test_enumerate_annotations_warn(prog, match):
+@pytest.mark.parametrize("prog, match", _warn_cases(runnable=True))
+def test_enumerate_annotations_are_summed_out(prog, match):
+    # By default the annotated sites are enumerated: they leave the model's sites for model.enumeration.
+    fn, args, kwargs = build(prog)
+    model = vipkg_model(prog, fn, args, kwargs)
+    enumerated = sorted(model.enumeration.sites)
+    assert any(re.search(match, repr(n)) for n in enumerated), f"enumerated {enumerated}, expected {match}"
+    assert not set(enumerated) & set(model.sites)
+    annotated = {
+        n
+        for n, s in pyro.poutine.trace(fn).get_trace(*args, **kwargs).nodes.items()
+        if s["type"] == "sample" and not s["is_observed"] and s["infer"].get("enumerate") == "parallel"
+    }
+    assert set(enumerated) == annotated
+
+
+@pytest.mark.parametrize("prog, match", _warn_cases(runnable=False))
+def test_enumerate_annotations_warn_when_enumeration_is_off(prog, match):
     fn, args, kwargs = build(prog)
     # One warning must say it is about enumeration and name the site.
     with pytest.warns(UserWarning, match=rf"(?is)(?=.*enumerat)(?=.*{match})"):
-        vipkg_model(prog, fn, args, kwargs, quiet=False)
+        vipkg_model(prog, fn, args, kwargs, quiet=False, enumerate=False)
 
 
 def _param_cases():

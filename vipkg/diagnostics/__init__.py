@@ -20,6 +20,7 @@ __all__ = [
     "GradientVariance",
     "GradientVarianceResult",
     "to_arviz",
+    "enumerated_marginals",
     "plot_losses",
     "plot_gradient_variance",
     "plot_khat",

@@ -107,7 +107,10 @@ def to_arviz(result, n: int = 1000, seed: int | None = 0):
     (when known) and ``optimization`` (loss per step, gradient variance per
     recorded step, elapsed seconds, estimator name). For a model with local sites in
     subsampled plates, whose log joint exists per minibatch only, ``posterior``,
-    ``observed_data`` and ``optimization``.
+    ``observed_data`` and ``optimization``. For a model with enumerated sites
+    (:meth:`vipkg.Model.from_pyro`), ``posterior`` also holds one draw of each enumerated site per
+    guide draw (Pyro's ``infer_discrete``) and ``enumerated_marginals`` their probabilities
+    averaged over the draws (:func:`vipkg.diagnostics.enumerated_marginals`).
     """
     model, guide = result.model, result.guide
     if model.is_subsampled:
@@ -139,6 +142,14 @@ def to_arviz(result, n: int = 1000, seed: int | None = 0):
     posterior = {k: _np(v)[None] for k, v in latents.items()}
     posterior.update({k: _np(v)[None] for k, v in model.deterministic(latents).items()})
     groups = {"posterior": posterior, "sample_stats": stats}
+    enumeration = getattr(model, "enumeration", None)
+    if enumeration is not None:
+        # Sites summed out of the log joint: one posterior draw each per guide draw (infer_discrete),
+        # and their exact conditional marginals averaged over the guide draws.
+        with seeded(seed, guide.device):
+            posterior.update({k: _np(v)[None] for k, v in enumeration.sample(latents, model.data).items()})
+        marginals = enumeration.marginals(latents, model.data)
+        groups["enumerated_marginals"] = {k: _np(v.mean(0)) for k, v in marginals.items()}
     pointwise = model.pointwise_log_likelihood(latents)
     if pointwise:
         groups["log_likelihood"] = {k: _np(v)[None] for k, v in pointwise.items()}

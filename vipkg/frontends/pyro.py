@@ -24,7 +24,7 @@ import math
 import warnings
 
 import torch
-from torch.distributions import constraints, transform_to
+from torch.distributions import Distribution, constraints, transform_to
 
 from vipkg.model import SUBSAMPLE_KEY, ModelError, Plate, Site, _check_data
 
@@ -42,7 +42,7 @@ class PyroVectorizationWarning(UserWarning):
 
 
 class PyroProgramWarning(UserWarning):
-    """Part of a Pyro program that vipkg ignores (enumerate annotations, until enumeration lands)."""
+    """Part of a Pyro program that vipkg ignores (enumerate annotations when enumeration is off)."""
 
 
 # ------------------------------------------------------------------ arguments
@@ -211,12 +211,16 @@ def _likely_pattern(message: str) -> str:
     )
 
 
-def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
+def pyro_model(
+    cls, fn, args, kwargs, *, name, vectorize: str = "auto", enumerate="auto", max_plate_nesting=None
+):
     """What :meth:`vipkg.Model.from_pyro` returns: ``cls`` (``Model`` or a subclass) built from ``fn``.
 
     ``vectorize`` is ``"auto"`` (the checked particle plate, falling back to
     ``torch.func.vmap`` over particles and then to a loop), ``"plate"`` (the
-    particle plate, unchecked), ``"vmap"`` or ``"loop"``.
+    particle plate, unchecked), ``"vmap"`` or ``"loop"``. ``enumerate`` (``"auto"``: the sites
+    marked for parallel enumeration; a list of site names; ``False``/``None``: none) and
+    ``max_plate_nesting`` go to :mod:`vipkg.frontends.pyro_enum`.
     """
     import pyro
     import pyro.poutine as poutine
@@ -238,13 +242,33 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
         with pyro.get_param_store().scope(param_state):
             return user_fn(*a, **kw)
 
-    # Tracing draws from the prior; keep the user's RNG stream untouched.
+    # Tracing draws from the prior; keep the user's RNG stream untouched. One trace serves both paths: a
+    # program whose sites change between runs must meet the check with its first trace.
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         trace = poutine.trace(fn).get_trace(*args, **kwargs)
         try:
             trace.compute_log_prob(lambda _, site: _is_scored(site))
         except ValueError as exc:
             raise _shape_error(name, exc) from exc
+
+    if enumerate is not None and enumerate is not False:
+        from vipkg.frontends.pyro_enum import enumerated_model
+
+        model = enumerated_model(
+            cls,
+            fn,
+            user_fn,
+            args,
+            kwargs,
+            param_state,
+            name=name,
+            vectorize=vectorize,
+            enumerate=enumerate,
+            max_plate_nesting=max_plate_nesting,
+            trace=trace,
+        )
+        if model is not None:
+            return model
 
     sites: dict[str, Site] = {}
     event_dims: dict[str, int] = {}
@@ -305,8 +329,8 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
     if enumerated:
         warnings.warn(
             f"Pyro model {name!r}: sites {enumerated} are marked for enumeration "
-            "(infer={'enumerate': ...}); vipkg does not enumerate yet and guides them like any other "
-            "discrete site (a score-function estimator).",
+            "(infer={'enumerate': ...}), but enumeration is off (from_pyro(..., enumerate=False)): vipkg "
+            "guides them like any other discrete site (a score-function estimator).",
             PyroProgramWarning,
             stacklevel=4,
         )
@@ -352,7 +376,20 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
                 return fn(*a, **kw)
 
         cond.update(subsample(data))
-        tr = poutine.trace(poutine.condition(plated, data=cond)).get_trace(*a, **kw)
+        if S in state["checked"]:
+            # Verified at this particle count (with the user's validation setting): the values are
+            # the guide's, in the support by construction, and Pyro's and torch's argument checks
+            # read tensors on the host; a bad argument still ends the fit as a non-finite loss.
+            # Measured 3.5 -> 3.0 ms per log joint of the zoo's Pyro VAE.
+            default = Distribution._validate_args
+            Distribution.set_default_validate_args(False)
+            try:
+                with pyro.validation_enabled(False):
+                    tr = poutine.trace(poutine.condition(plated, data=cond)).get_trace(*a, **kw)
+            finally:
+                Distribution.set_default_validate_args(default)
+        else:
+            tr = poutine.trace(poutine.condition(plated, data=cond)).get_trace(*a, **kw)
         check_fresh(tr)
         tr.compute_log_prob(lambda _, site: _is_scored(site))
         return tr, S
@@ -375,7 +412,6 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
         return {g: {n: torch.stack([o[g][n] for o in outs]) for n in outs[0][g]} for g in outs[0]}
 
     def particle_vmap(latents, data):
-        from torch.distributions import Distribution
 
         # Argument and support validation branch on tensor values, which vmap cannot do;
         # the values it would check are the guide's, in the support by construction.
@@ -467,8 +503,9 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
 
     def check(latents, data, S):
         """Verify the current mode at ``S`` particles; on failure move down plate -> vmap -> loop, once."""
-        state["checked"].add(S)
         what, where = verify(latents, data, S, state["mode"])
+        # Only now: verification runs with the user's validation setting (see plated_trace).
+        state["checked"].add(S)
         if what is None:
             return
         failed = state["mode"]
@@ -539,12 +576,21 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
                 return out
         return per_particle(latents, data)["det"]
 
-    term_sites = None
-    if any(s.is_discrete for s in sites.values()):
-        # Only programs with discrete sites pay for the dependency trace: they are the
-        # ones score-function estimators must Rao-Blackwellize to be usable.
+    term_sites = term_plates = None
+    if local_sites or any(s.is_discrete for s in sites.values()):
+        # Only programs with discrete or local sites pay for the dependency trace: score-function
+        # estimators must Rao-Blackwellize the first to be usable, and per-datum bounds need to
+        # know that the second factorize over their plate.
         term_sites = _dependencies(fn, args, kwargs, latent_names)
         term_sites = {n: term_sites.get(n, latent_names) for n in scored}
+        term_plates = {
+            n: {
+                f.name: f.dim
+                for f in trace.nodes[n]["cond_indep_stack"]
+                if f.vectorized and f.dim is not None
+            }
+            for n in scored
+        }
 
     full_sites = dict(sites)
     for k, (plate, axis) in local_sites.items():
@@ -556,6 +602,7 @@ def pyro_model(cls, fn, args, kwargs, *, name, vectorize: str = "auto"):
         log_joint,
         log_joint_terms=None if term_sites is None else terms,
         term_sites=term_sites,
+        term_plates=term_plates,
         data=data,
         name=name,
         pointwise_log_likelihood=pointwise,

@@ -7,6 +7,7 @@ the default) and as a Pyro program (``form="pyro"``); the tests check they agree
 from vipkg.models.bnn import bnn_regression
 from vipkg.models.conjugate import dirichlet_multinomial, gamma_poisson
 from vipkg.models.eight_schools import eight_schools
+from vipkg.models.enumerated import capture_recapture, gaussian_hmm, weighted_mixture
 from vipkg.models.flow_targets import gaussian_mixture, phi4
 from vipkg.models.gamma_def import sparse_gamma_def
 from vipkg.models.gaussians import funnel, gaussian, linear_regression_conjugate
@@ -44,6 +45,9 @@ ZOO = {
     "phi4": phi4,
     "discrete_mixture": discrete_mixture,
     "sigmoid_belief_net": sigmoid_belief_net,
+    "weighted_mixture": weighted_mixture,
+    "gaussian_hmm": gaussian_hmm,
+    "capture_recapture": capture_recapture,
     "bnn_regression": bnn_regression,
     "banana": banana,
     "gp_classification": gp_classification,
@@ -69,6 +73,9 @@ __all__ = [
     "phi4",
     "discrete_mixture",
     "sigmoid_belief_net",
+    "weighted_mixture",
+    "gaussian_hmm",
+    "capture_recapture",
     "bnn_regression",
     "banana",
     "gp_classification",

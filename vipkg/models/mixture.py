@@ -45,6 +45,7 @@ def discrete_mixture(
     form: str = "tensor",
     seed: int = 0,
     dtype=None,
+    enumerate: bool = False,
 ) -> Model:
     """A 2-D Gaussian mixture with ``k`` clusters and a categorical assignment per datum.
 
@@ -64,11 +65,17 @@ def discrete_mixture(
         (for ``GumbelSoftmax``); the Pyro form takes integer assignments only.
     seed : int
     dtype : torch.dtype, optional
+    enumerate : bool
+        Sum the assignments ``c`` out exactly: the model has the site ``mu`` only (continuous, so
+        every guide and estimator applies). The Pyro form enumerates ``c`` with Pyro's machinery
+        (``Model.from_pyro(..., enumerate=["c"])``, whose ``model.enumeration`` gives the
+        assignments' posterior marginals); the tensor form is the log-sum-exp over clusters.
 
     Returns
     -------
     Model
-        Sites ``mu [k, 2]`` (real) and ``c [n]`` (``integer_interval(0, k-1)``);
+        Sites ``mu [k, 2]`` (real) and ``c [n]`` (``integer_interval(0, k-1)``; absent with
+        ``enumerate=True``);
         ``reference = {"means": true means [k, 2], "assignments": [n]}``. The model
         has discrete sites, so ``model.is_continuous`` is False: fit it with a
         ``Composite`` guide (e.g. ``MeanFieldNormal`` + ``Reparam`` for ``mu``,
@@ -116,9 +123,27 @@ def discrete_mixture(
         return {"x": terms(latents, data)["x"]}
 
     if form == "pyro":
-        model = Model.from_pyro(_pyro_mixture, x, k, sigma, prior_scale, name="discrete_mixture")
+        options = {"enumerate": ["c"] if enumerate else False}
+        model = Model.from_pyro(_pyro_mixture, x, k, sigma, prior_scale, name="discrete_mixture", **options)
         model.reference = reference
         return model
+    if enumerate:
+
+        def marginal(latents, data):
+            mu, x = latents["mu"], data["x"]
+            ll = normal_log_prob(x[None, :, None, :] - mu[:, None, :, :], 0.0, sd).sum(-1)
+            prior = normal_log_prob(mu, 0.0, s).reshape(mu.shape[0], -1).sum(-1)
+            return prior + torch.logsumexp(ll + log_pi, -1).sum(-1)
+
+        return Model(
+            {"mu": sites["mu"]},
+            marginal,
+            data={"x": x},
+            name="discrete_mixture",
+            reference=reference,
+            pyro_model=(_pyro_mixture, (x, k, sigma, prior_scale), {}),
+            observed={"x": x},
+        )
     return Model(
         sites,
         log_joint,
