@@ -92,7 +92,7 @@ def test_compare_runs_a_subsampled_vae_scored_on_held_out_images(tmp_path, model
 
     # Two configurations that fit, an update estimator and a family that couples the data points.
     configs = [catalog.get(label) for label in labels]
-    configs += [catalog.get("dreg-fullrank-iwae8"), catalog.get("reparam-fullrank-elbo")]
+    configs += [catalog.get("fbgvi-elbo"), catalog.get("reparam-fullrank-elbo")]
     stream = io.StringIO()
     rows = compare(
         model_name,
@@ -116,7 +116,7 @@ def test_compare_runs_a_subsampled_vae_scored_on_held_out_images(tmp_path, model
     assert f"Guide: the model's default guide ({guide})" in table
     for label in labels:
         assert f"| {label} |" in table
-    assert "- dreg-fullrank-iwae8: " in table and "- reparam-fullrank-elbo: " in table
+    assert "- fbgvi-elbo: " in table and "- reparam-fullrank-elbo: " in table
     if model_name == "vae_digits":  # (FullRankNormal does not represent the categorical VAE's codes)
         assert "owns a whole-data step" in table
         assert "- reparam-fullrank-elbo: FullRankNormal cannot guide the local sites ['z']" in table
@@ -206,7 +206,10 @@ def _no_fitting(monkeypatch):
             ["fit", "--model", "gaussian", "--guide", "fullrnk"],
             r"--guide 'fullrnk': choose one of .*'fullrank'",
         ),
-        (["compare", "--model", "eight_school"], r"^vipkg compare: error: .*invalid choice: 'eight_school'"),
+        (
+            ["compare", "--model", "eight_school"],
+            r"^vipkg compare: error: unknown model 'eight_school'; choose one of \[.*'eight_schools'",
+        ),
         (
             ["compare", "--model", "gaussian", "--only", "reparm"],
             r"--only 'reparm' matches no configuration label.*the labels are: reparam-meanfield-elbo, ",

@@ -37,6 +37,7 @@ PARTS = (
     "vipkg.objectives",
     "vipkg.diagnostics",
     "vipkg.fit",
+    "vipkg._compiled",
     "vipkg.checkpoint",
     "vipkg.distributed",
     "vipkg.models",
@@ -63,7 +64,9 @@ ARROWS = {
     "vipkg.estimators": {"vipkg.guides", "vipkg.model", "vipkg.objectives"},
     "vipkg.diagnostics": {"vipkg.estimators"},
     "vipkg.checkpoint": set(),
-    "vipkg.fit": {"vipkg.estimators", "vipkg.diagnostics", "vipkg.checkpoint"},
+    "vipkg.fit": {"vipkg.estimators", "vipkg.diagnostics", "vipkg.checkpoint", "vipkg._compiled"},
+    # fit(compile=True)'s functional step: torch only; it calls the estimator it is handed.
+    "vipkg._compiled": set(),
     "vipkg.distributed": {"vipkg.fit"},
     # The model zoo: functions returning a Model (their Pyro forms go through Model.from_pyro).
     "vipkg.models": {"vipkg.model"},

@@ -383,7 +383,7 @@ def test_inductor_compiled_steps_give_the_eager_losses(cls):
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     def broken_compile(fn, **kwargs):
-        def run():
+        def run(*args, **kwargs):  # the eager step takes none, the functional one its state
             raise RuntimeError("no backend here")
 
         return run

@@ -75,6 +75,10 @@ class FitResult:
         Steps whose loss, gradient or updated parameters were not finite and that
         ``nan_policy="skip"`` undid; their entries in ``losses`` are NaN, so they are
         visible (a step undone for its update alone is marked NaN too).
+    compile_note : str
+        With ``compile=True``: ``"functional"`` when the step was compiled as one function of the
+        parameters and optimizer state (:mod:`vipkg._compiled`), else why it was compiled as the eager
+        step instead.
     """
 
     model: Any
@@ -86,6 +90,7 @@ class FitResult:
     diagnostics: dict
     num_particles: int
     skipped_steps: int = 0
+    compile_note: str = ""
 
     @property
     def steps(self) -> int:
@@ -149,6 +154,13 @@ class FitResult:
         return to_arviz(self, n, seed=seed)
 
 
+def _fusable(params) -> bool:
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    return bool(tensors) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in tensors
+    )
+
+
 def _make_optimizer(optimizer, params, lr):
     if isinstance(optimizer, str):
         try:
@@ -157,6 +169,11 @@ def _make_optimizer(optimizer, params, lr):
             raise ValueError(
                 f"unknown optimizer {optimizer!r}; use one of {sorted(OPTIMIZERS)} or a torch.optim class."
             ) from None
+        params = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
+        if cls in (torch.optim.Adam, torch.optim.AdamW) and _fusable(params):
+            # One fused kernel for every parameter: measured 0.12 ms against 0.41 ms per step
+            # (single-tensor) for a VAE's eight tensors on one CPU thread.
+            return cls(params, lr=lr, fused=True)
         return cls(params, lr=lr)
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
         return optimizer(params, lr=lr)
@@ -181,10 +198,13 @@ def _progress_enabled(progress) -> bool:
     return sys.stderr.isatty()
 
 
-def _compiled(step_fn, device=None):
+def _compiled(step_fn, device=None, compiled=None):
+    """``compiled`` (default: ``torch.compile`` of ``step_fn``), falling back to ``step_fn`` with a
+    warning when its first call fails."""
     # fallback_random keeps the draws identical to eager steps with the same seed,
     # so compile=True changes speed, not the trajectory.
-    compiled = torch.compile(step_fn, options={"fallback_random": True})
+    if compiled is None:
+        compiled = torch.compile(step_fn, options={"fallback_random": True})
     state = {"fn": compiled, "first": True}
 
     def run():
@@ -225,7 +245,7 @@ def fit(
     scheduler=None,
     seed: int = 0,
     device=None,
-    compile: bool = False,
+    compile: bool | str = False,
     diagnostics=None,
     checkpoint=None,
     checkpoint_every: int = 500,
@@ -265,9 +285,13 @@ def fit(
         Seeds a forked torch RNG; the caller's RNG is left as it was.
     device : str or torch.device, optional
         Where to run; default the guide's device.
-    compile : bool
-        Compile the whole step with ``torch.compile`` (falls back to eager, with a
-        warning, when compilation fails).
+    compile : bool or {"default", "reduce-overhead"}
+        Compile the step with ``torch.compile`` (falls back to eager, with a warning, when
+        compilation fails). Surrogate-style estimators (``Estimator.functional``) compile as one
+        pure function of the parameters and the optimizer state (:mod:`vipkg._compiled`),
+        compiled once per configuration; the others compile their eager step.
+        ``FitResult.compile_note`` says which. ``"reduce-overhead"`` also captures the functional
+        step as a CUDA graph on a GPU (its inputs keep their storage from step to step).
     diagnostics : GradientVariance, optional
         Record gradient variance during the fit.
     checkpoint : str or path, optional
@@ -321,6 +345,10 @@ def fit(
        AISTATS (2014).
     """
     _check_instances(guide, estimator, objective)
+    if compile not in (True, False, "default", "reduce-overhead"):
+        raise ValueError(
+            f"compile must be True, False, 'default' or 'reduce-overhead' (CUDA graphs), got {compile!r}."
+        )
     objective = objective or ELBO()
     _check_arguments(steps, num_particles, objective, lr, check_every, checkpoint_every, resume, checkpoint)
     if checkpoint is not None:
@@ -336,7 +364,7 @@ def fit(
     device = guide.device
     model = model.to(device=device, dtype=guide.dtype)
     if model.is_subsampled:
-        check_minibatch_support(estimator, model)
+        check_minibatch_support(estimator, model, objective)
         from vipkg.guides.minibatch import draw_minibatch
 
         # Check against a minibatch (the only thing the estimator will see), off the fit's RNG stream.
@@ -409,6 +437,7 @@ def fit(
         diagnostics=state.diagnostics,
         num_particles=num_particles,
         skipped_steps=state.skipped,
+        compile_note=state.compile_note,
     )
 
 
@@ -468,6 +497,8 @@ class FitState:
     diagnostics: dict = dataclasses.field(default_factory=dict)
     names: tuple = ()
     params: tuple = ()
+    #: How ``compile=True`` compiled the step: ``"functional"`` (:mod:`vipkg._compiled`), or why not.
+    compile_note: str = ""
 
     def __post_init__(self):
         named = list(self.guide.named_parameters())
@@ -919,6 +950,15 @@ def _make_step(state: FitState, nan_policy: str, compile: bool):
             mb, gb = draw_minibatch(model, guide)
             return est.step(mb, gb, obj, S, opt).loss
 
+    if compile:
+        from vipkg._compiled import functional_step, why_not_functional
+
+        reason = why_not_functional(est, model, opt, nan_policy)
+        if reason is None:
+            state.compile_note = "functional"
+            mode = compile if isinstance(compile, str) else "default"
+            return _compiled(step_fn, state.device, functional_step(est, model, guide, obj, S, opt, mode))
+        state.compile_note = f"compiled as the whole eager step: {reason}"
     if nan_policy == "skip":
         step_fn = _undo_if_not_finite(step_fn, state.params, opt)
     own = model.parameters()

@@ -64,8 +64,11 @@ def gradient_samples(
     objective = _default_objective(objective)
     if not isinstance(repeats, int) or repeats < 2:
         raise ValueError(f"repeats must be an int >= 2 to measure variance, got {repeats!r}.")
+    from vipkg.estimators.base import check_minibatch_support
     from vipkg.guides.minibatch import draw_minibatch
 
+    if model.is_subsampled:
+        check_minibatch_support(estimator, model, objective)
     with torch.random.fork_rng(devices=[]):
         estimator.check(*draw_minibatch(model, guide), objective)
     estimator.check_particles(num_particles)

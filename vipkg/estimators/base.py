@@ -37,6 +37,7 @@ __all__ = [
     "ScoreTerm",
     "Part",
     "estimate_parts",
+    "surrogate_parts",
     "named_latents",
     "align_term",
     "surrogate_backward",
@@ -151,6 +152,11 @@ class Estimator(abc.ABC):
     #: ``False`` for update estimators, which own their step.
     composable: bool = False
 
+    #: How a part estimator's ``log q`` reads per data point, for bounds that weight each datum's
+    #: draws on a minibatch (:func:`estimate_parts`): ``"live"`` (its gradient reaches the family's
+    #: parameters directly), ``"stopped"`` (only through the draws), or None (it cannot say).
+    log_q_form: str | None = None
+
     def check(self, model, guide, objective) -> None:
         """Raise :class:`IncompatibleEstimatorError` when this estimator cannot serve the triple."""
 
@@ -202,6 +208,27 @@ class Estimator(abc.ABC):
         return self.composable
 
     @property
+    def functional(self) -> bool:
+        """Whether :meth:`surrogate` is a pure function of the parameters (no state changes inside a
+        step), so that ``fit(compile=True)`` can compile the step as one function of the parameters
+        and the optimizer state (:mod:`vipkg._compiled`). Part estimators are, unless their state
+        moves every step (a control variate's running average, an annealing clock)."""
+        return self.composable
+
+    def surrogate(self, model, guide, objective, num_particles: int):
+        """``(loss, surrogate, StepInfo)`` of one step without a backward pass: the surrogate's
+        gradient is the estimate. Part estimators build it with :func:`surrogate_parts`."""
+        if not self.composable:
+            raise NotImplementedError(f"{self!r} owns its step; it has no surrogate of its own.")
+        return surrogate_parts(model, guide, objective, num_particles, [Part(self, guide, model)])
+
+    @property
+    def per_datum_bounds(self) -> bool:
+        """Whether the estimator serves bounds that weight each data point's draws on its own
+        (IWAE or Renyi on minibatches of a model that factorizes over its data points)."""
+        return self.log_q_form is not None
+
+    @property
     def name(self) -> str:
         return type(self).__name__
 
@@ -228,14 +255,49 @@ def check_trains_model(estimator, model) -> None:
         )
 
 
-def check_minibatch_support(estimator, model) -> None:
-    """Refuse an estimator that cannot step on minibatches of ``model``'s local sites."""
+def check_minibatch_support(estimator, model, objective=None) -> None:
+    """Refuse an estimator (and objective) that cannot step on minibatches of ``model``'s local sites.
+
+    The ELBO of a minibatch is an unbiased estimate of the full one. A bound with several
+    importance samples (IWAE, Renyi) is not a sum over data points, so on a minibatch it is the
+    sum of each data point's own bound (each weighting only its own draws): that needs a model
+    that factorizes over its data points (:attr:`vipkg.Model.datum_plate`) and an estimator that
+    gives ``log q`` per data point (:attr:`Estimator.per_datum_bounds`).
+    """
+    where = (
+        f"model {model.name!r} has local latent sites {sorted(model.local_sites)} in subsampled "
+        f"plate(s) {sorted(model.plates)}, fitted one minibatch at a time"
+    )
     if not estimator.trains_model_params:
         raise IncompatibleEstimatorError(
-            f"model {model.name!r} has local latent sites {sorted(model.local_sites)} in subsampled "
-            f"plate(s) {sorted(model.plates)}, fitted one minibatch at a time; {estimator!r} owns a "
-            "whole-data step and cannot. Use Reparam, STL, ScoreFunction, RSVI, GumbelSoftmax or PerSite."
+            f"{where}; {estimator!r} owns a whole-data step and cannot. Use Reparam, STL, ScoreFunction, "
+            "RSVI, GumbelSoftmax, DReG (with IWAE) or PerSite."
         )
+    if objective is None or type(objective) is ELBO:
+        return
+    if model.datum_plate is None:
+        raise IncompatibleEstimatorError(
+            f"{where}; {objective!r} weights draws per data point there, which needs every latent site "
+            "local to one plate and the model's terms with their plates (Pyro programs and the zoo's "
+            "VAEs have them; global latent sites have no per-datum bound). Use ELBO() on this model."
+        )
+    if not estimator.per_datum_bounds:
+        raise IncompatibleEstimatorError(
+            f"{where}; {objective!r} weights each data point's draws, and {estimator!r} does not give "
+            "log q per data point. Use Reparam, DReG, ScoreFunction or STL(allow_biased=True) with it, "
+            "or ELBO()."
+        )
+
+
+def datum_scale(model) -> float | None:
+    """``N / B`` of a minibatch model that factorizes over its data points, else None."""
+    if model.minibatch_of is None:
+        return None
+    plate = model.datum_plate
+    if plate is None:
+        return None
+    p = model.plates[plate]
+    return p.size / p.subsample_size
 
 
 def surrogate_backward(guide, loss: torch.Tensor, surrogate: torch.Tensor | None = None) -> None:
@@ -354,7 +416,19 @@ def _scaled(family, draw: Draw) -> Draw:
 
 
 def estimate_parts(model, guide, objective, num_particles: int, parts) -> StepInfo:
-    """The one surrogate builder: the gradient of the loss from the Draws of one or more families.
+    """The gradient of the loss from the Draws of one or more families, into ``guide``'s ``.grad``:
+    :func:`surrogate_parts`, its backward pass, and each part's :meth:`Estimator.after_step`."""
+    loss, surrogate, info = surrogate_parts(model, guide, objective, num_particles, parts)
+    surrogate_backward(guide, loss, surrogate)
+    for p in parts:
+        p.estimator.after_step()
+    return info
+
+
+def surrogate_parts(model, guide, objective, num_particles: int, parts):
+    """The one surrogate builder: the scalar whose gradient is the estimate, from the Draws of one
+    or more families (no backward pass: :func:`estimate_parts` takes it, a functional step
+    differentiates it with ``torch.func``).
 
     Each part's estimator draws its family (:meth:`Estimator.draw`); the model's log joint
     is evaluated once on all sites together and ``log q`` is the sum of the parts'. The
@@ -379,9 +453,10 @@ def estimate_parts(model, guide, objective, num_particles: int, parts) -> StepIn
 
     Returns
     -------
-    StepInfo
-        ``extras["control_variate"]`` holds the control variates' extras when any part has
-        score terms.
+    (loss, surrogate, StepInfo)
+        The loss (minus the bound) and the surrogate (same value; its gradient is the estimate);
+        ``extras["control_variate"]`` of the StepInfo holds the control variates' extras when
+        any part has score terms.
 
     References
     ----------
@@ -405,15 +480,30 @@ def estimate_parts(model, guide, objective, num_particles: int, parts) -> StepIn
         and model.has_terms
         and any(t.rao_blackwellize for d in draws for t in d.score_terms)
     )
+    datum = None if type(objective) is ELBO else datum_scale(model)
     if rb:
         # One evaluation serves both the bound and every cost: the terms sum to the log joint.
         terms = model.log_joint_terms(latents)
         log_p = sum(v.reshape(v.shape[0], -1).sum(-1) for v in terms.values())
         by_site = terms_by_site(model, terms)
-    else:
+    elif datum is None:
         log_p = model.log_joint(latents)
-    log_w = (log_p - log_q).reshape(shape)
-    per_group = objective.per_group(log_w)
+    if datum is not None:
+        # Each data point's bound weights its own K draws: [S, K, B] log-weights, unscaled per
+        # datum, and the minibatch's estimate of the full bound is N / B times their sum.
+        from vipkg.guides.minibatch import datum_log_q
+
+        lp_d, rest = model.log_joint_by_datum(latents)
+        lq_d = sum(
+            datum_log_q(p.family, p.model, model, d.latents, stopped=p.estimator.log_q_form == "stopped")
+            for p, d in zip(parts, draws)
+        )
+        lw_d = (lp_d - lq_d).reshape(*shape, -1)
+        per_group = datum * objective.per_group(lw_d.transpose(-1, -2)).sum(-1) + rest.reshape(shape).mean(-1)
+        log_w = (datum * lw_d.sum(-1) + rest.reshape(shape)).detach()
+    else:
+        log_w = (log_p - log_q).reshape(shape)
+        per_group = objective.per_group(log_w)
     loss = -per_group.mean()
     score, extras = None, {}
     for p, d in zip(parts, draws):
@@ -436,11 +526,9 @@ def estimate_parts(model, guide, objective, num_particles: int, parts) -> StepIn
             score = term if score is None else score + term
             extras.update(_named_extras(p.key, e))
     surrogate = loss if score is None else loss - (score - score.detach())
-    surrogate_backward(guide, loss, surrogate)
-    for p in parts:
-        p.estimator.after_step()
-    return StepInfo(
+    info = StepInfo(
         loss=loss.detach(),
         log_weights=log_w.detach(),
         extras={"control_variate": extras} if scored else {},
     )
+    return loss, surrogate, info

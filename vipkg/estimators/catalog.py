@@ -218,7 +218,7 @@ class Config:
             from vipkg._rng import seeded
             from vipkg.guides.minibatch import draw_minibatch
 
-            check_minibatch_support(estimator, model)
+            check_minibatch_support(estimator, model, objective)
             with seeded(0):
                 estimator.check(*draw_minibatch(model, guide), objective)
         else:
@@ -310,6 +310,8 @@ def configs() -> list[Config]:
         Config("stl-meanfield-elbo", MeanFieldNormal, STL, ELBO),
         Config("stl-fullrank-elbo", FullRankNormal, STL, ELBO),
         Config("dreg-fullrank-iwae8", FullRankNormal, DReG, _iwae8),
+        # The one DReG configuration that also guides local latents (a VAE's codes, per image).
+        Config("dreg-meanfield-iwae8", MeanFieldNormal, DReG, _iwae8),
         Config("reparam-realnvp4-elbo", _realnvp, Reparam, ELBO),
         Config("fastpath-realnvp4-elbo", _realnvp, FastPath, ELBO),
         Config("score-meanfield-elbo", MeanFieldNormal, ScoreFunction, ELBO),

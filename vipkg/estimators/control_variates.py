@@ -51,6 +51,9 @@ class ControlVariate:
     needs_draws: bool = False
     #: Smallest number of particle groups it works with.
     min_particles: int = 1
+    #: False when :meth:`center` changes state every step (running averages, a trained baseline):
+    #: such a step is not a pure function of the parameters, and is not compiled as one.
+    stateless: bool = True
 
     def center(self, cost: torch.Tensor, key: str = "_all") -> tuple[torch.Tensor, dict]:
         """``cost - baseline`` for a detached ``cost [S, *local]``, and detached extras to report."""
@@ -95,6 +98,8 @@ class MovingAverage(ControlVariate):
     .. [2] Ranganath, R., Gerrish, S., Blei, D. M. "Black Box Variational
        Inference". AISTATS (2014).
     """
+
+    stateless = False
 
     def __init__(self, beta: float = 0.9):
         if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
@@ -233,6 +238,8 @@ class Learned(ControlVariate):
     .. [1] Mnih, A., Gregor, K. "Neural Variational Inference and Learning in
        Belief Networks". ICML (2014).
     """
+
+    stateless = False
 
     def __init__(
         self,
@@ -537,6 +544,7 @@ class Chain(ControlVariate):
         self.needs_scores = any(p.needs_scores for p in parts)
         self.needs_draws = any(p.needs_draws for p in parts)
         self.min_particles = max([1] + [p.min_particles for p in parts])
+        self.stateless = all(p.stateless for p in parts)
 
     def __repr__(self):
         return "chain(" + ", ".join(repr(p) for p in self.parts) + ")"

@@ -21,6 +21,7 @@ from vipkg.estimators.base import (
     IncompatibleEstimatorError,
     Part,
     StepInfo,
+    datum_scale,
     estimate_parts,
     named_latents,
     surrogate_backward,
@@ -79,6 +80,7 @@ class STL(Estimator):
 
     #: A part estimator: it serves one part of a Composite guide as well as a whole guide.
     composable = True
+    log_q_form = "stopped"
 
     def __init__(self, allow_biased: bool = False):
         if not isinstance(allow_biased, bool):
@@ -114,11 +116,21 @@ class DReG(Estimator):
     ``sum_i w~_i^2 d log w_i / d z_i  d z_i / d phi`` with ``log q`` at stopped
     parameters: the score terms of the IWAE gradient rewritten by a second
     reparameterization, so the signal-to-noise ratio no longer falls with ``k``.
+    The model's own parameters ``theta`` (a VAE's decoder) take the IWAE gradient
+    itself, ``sum_i w~_i d log p_theta(x, z_i) / d theta``, which has no score term.
 
     Notes
     -----
     Only the IWAE objective (any ``k``; ``k = 1`` is STL) is accepted. The
-    reported loss is minus the IWAE bound of the drawn particles.
+    reported loss is minus the IWAE bound of the drawn particles. On a minibatch of a
+    model that factorizes over its data points (:attr:`vipkg.Model.datum_plate`, a VAE)
+    the bound is each data point's own IWAE bound over its ``k`` draws, summed and
+    scaled by ``N / B``, and the weights are per data point.
+
+    One backward pass serves both weightings: the model reads the draws through a view
+    whose gradient is multiplied by ``w~_i`` on its way back, and the surrogate is
+    ``sum_i (w~_i log p(x, z_i) - w~_i^2 log q_stop(z_i))``; ``theta`` sees ``w~_i``, the
+    path to ``phi`` through the model ``w~_i^2``, the path through ``log q`` ``w~_i^2``.
 
     References
     ----------
@@ -126,10 +138,20 @@ class DReG(Estimator):
        Gradient Estimators for Monte Carlo Objectives". ICLR (2019), eq. (5)-(6).
     .. [2] Rainforth, T. et al. "Tighter Variational Bounds are Not Necessarily
        Better". ICML (2018).
+    .. [3] Burda, Y., Grosse, R., Salakhutdinov, R. "Importance Weighted
+       Autoencoders". ICLR (2016).
     """
 
     #: An update estimator: its weights ``w~_i^2`` need every site of a draw at once.
     composable = False
+
+    @property
+    def trains_model_params(self) -> bool:
+        return True
+
+    @property
+    def per_datum_bounds(self) -> bool:
+        return True
 
     def check(self, model, guide, objective) -> None:
         if not isinstance(objective, IWAE):
@@ -140,12 +162,39 @@ class DReG(Estimator):
         _require_rsample("DReG", guide)
 
     def estimate(self, model, guide, objective, num_particles):
-        shape = objective.sample_shape(num_particles)
+        shape = torch.Size(objective.sample_shape(num_particles))
         z, log_q = guide.rsample_and_stopped_log_prob(shape)
-        log_w = guide.log_joint(model, z) - log_q
-        loss = -objective(log_w.detach())
-        w = torch.softmax(log_w.detach(), dim=-1)
-        surrogate = -(w.square() * log_w).sum(-1).mean()
+        latents, log_q = named_latents(guide, model, z, shape, log_q)
+        # The model reads the draws through views whose gradient gets the weights (below).
+        seen = {k: v.view_as(v) for k, v in latents.items()}
+        scale = datum_scale(model)
+        if scale is None:
+            log_p = model.log_joint(seen).reshape(shape)
+            log_w = log_p - log_q.reshape(shape)
+            w = torch.softmax(log_w.detach(), dim=-1)
+            bound = objective.per_group(log_w.detach())
+            surrogate = -((w * log_p - w.square() * log_q.reshape(shape)).sum(-1)).mean()
+            weights = {k: w.reshape(-1) for k in seen}
+        else:
+            from vipkg.guides.minibatch import datum_log_q
+
+            lp_d, rest = model.log_joint_by_datum(seen)
+            lq_d = datum_log_q(guide, model, model, latents, stopped=True)
+            lw = (lp_d - lq_d).reshape(*shape, -1)
+            w = torch.softmax(lw.detach(), dim=1)  # over each data point's k draws
+            rest = rest.reshape(shape).mean(-1)
+            bound = scale * objective.per_group(lw.detach().transpose(-1, -2)).sum(-1) + rest.detach()
+            lp = lp_d.reshape(lw.shape)
+            surrogate = -(scale * (w * lp - w.square() * lq_d.reshape(lw.shape)).sum((1, 2)) + rest).mean()
+            log_w = scale * lw.sum(-1) + rest.unsqueeze(-1)
+            axes = {k: a for k, (_, a) in model.minibatch_of.local_sites.items()}
+            n, B = math.prod(shape), w.shape[-1]
+            weights = {k: w.reshape(n, *(1,) * axes[k], B) for k in seen}
+        for k, v in seen.items():
+            if v.requires_grad:
+                wk = weights[k].reshape(*weights[k].shape, *(1,) * (v.dim() - weights[k].dim()))
+                v.register_hook(lambda g, wk=wk: g * wk)
+        loss = -bound.mean()
         surrogate_backward(guide, loss + (surrogate - surrogate.detach()))
         return StepInfo(loss=loss, log_weights=log_w.detach())
 

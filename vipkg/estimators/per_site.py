@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 
-from vipkg.estimators.base import Estimator, IncompatibleEstimatorError, Part, estimate_parts
+from vipkg.estimators.base import Estimator, IncompatibleEstimatorError, Part, estimate_parts, surrogate_parts
 from vipkg.estimators.control_variates import LeaveOneOut
 from vipkg.estimators.reparam import Reparam
 from vipkg.estimators.score import ScoreFunction
@@ -170,6 +170,12 @@ class PerSite(Estimator):
     def _estimators(self) -> list[tuple[tuple[str, ...], Estimator]]:
         return self._bound[1] if self._bound is not None else list(self._given.items())
 
+    @property
+    def per_datum_bounds(self) -> bool:
+        # Default parts (those the guide's families choose) are resolved only with the guide.
+        ests = [est for _, est in self._estimators()]
+        return bool(ests) and all(est.per_datum_bounds for est in ests)
+
     def __repr__(self) -> str:
         inner = ", ".join(f"{_key_repr(sites)}: {est!r}" for sites, est in self._estimators())
         return f"PerSite({{{inner}}})"
@@ -182,6 +188,18 @@ class PerSite(Estimator):
     def check_particles(self, num_particles: int) -> None:
         for _, est in self._estimators():
             est.check_particles(num_particles)
+
+    @property
+    def functional(self) -> bool:
+        ests = [est for _, est in self._estimators()]
+        return bool(ests) and all(est.functional for est in ests)
+
+    def surrogate(self, model, guide, objective, num_particles):
+        parts = [
+            Part(est, family, sub, _name(sites))
+            for (sites, est), family, sub in zip(self._resolve(guide), guide.parts, guide.sub_models)
+        ]
+        return surrogate_parts(model, guide, objective, num_particles, parts)
 
     def estimate(self, model, guide, objective, num_particles):
         parts = [

@@ -206,6 +206,11 @@ class GumbelSoftmax(Estimator):
         flat = {k: v.reshape(n, *v.shape[len(shape) :]) for k, v in latents.items()}
         return Draw(flat, log_q.reshape(n))
 
+    @property
+    def functional(self) -> bool:
+        # An annealed temperature changes between steps (a new compiled graph each time).
+        return self.anneal is None
+
     def after_step(self) -> None:
         """Advance the annealing clock (called once per estimate)."""
         self._t += 1

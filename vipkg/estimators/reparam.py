@@ -30,6 +30,7 @@ class Reparam(Estimator):
     """
 
     composable = True
+    log_q_form = "live"
 
     def check(self, model, guide, objective) -> None:
         if not guide().has_rsample:

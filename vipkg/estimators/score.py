@@ -148,6 +148,7 @@ class ScoreFunction(Estimator):
     #: A part estimator (with a baseline control variate it serves one part of a Composite guide);
     #: gradient-level control variates need the whole gradient and keep their own single-guide path.
     composable = True
+    log_q_form = "live"
 
     def __repr__(self) -> str:
         rb = "" if self.rao_blackwellize else "rao_blackwellize=False"
@@ -220,6 +221,11 @@ class ScoreFunction(Estimator):
     def center(self, cost, key):
         """The control variate's baseline: ``cost - b`` and its extras."""
         return self.control_variate.center(cost.detach(), key)
+
+    @property
+    def functional(self) -> bool:
+        # Gradient-level control variates need per-draw gradients; stateful baselines move a state.
+        return not self.control_variate.needs_scores and self.control_variate.stateless
 
     # --------------------------------------------------------------- estimate
     def estimate(self, model, guide, objective, num_particles):

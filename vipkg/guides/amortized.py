@@ -345,6 +345,28 @@ class Amortized(_NamedSiteGuide):
         lps = self._site_log_probs(self._params(), latents)
         return latents, [(frozenset({k}), lps[k]) for k in self.site_names]
 
+    def datum_log_prob(self, latents: Mapping[str, torch.Tensor], stopped: bool = False) -> torch.Tensor:
+        """``log q(z_i | x_i)`` of each row, ``[n, B]``, for named draws ``{site: [n, *shape]}``.
+
+        ``stopped``: the encoder's outputs are detached, so the gradient reaches the encoder only
+        through the draws (STL, DReG). Per-datum bounds (IWAE per data point) weight each row's
+        draws with it.
+        """
+        params = self._params()
+        if stopped:
+            params = {
+                k: tuple(t.detach() for t in v) if isinstance(v, tuple) else v.detach()
+                for k, v in params.items()
+            }
+        lps = self._site_log_probs(params, {k: latents[k] for k in self.site_names})
+        out = None
+        for k, lp in lps.items():
+            a = self.axes[k] + 1
+            lp = lp.movedim(a, 1)
+            lp = lp.reshape(*lp.shape[:2], -1).sum(-1)
+            out = lp if out is None else out + lp
+        return out
+
 
 def _row_factor(lp: torch.Tensor, axis: int) -> torch.Tensor:
     """``lp [n, *shape]`` summed over the dimensions after the plate axis: one factor per datum."""

@@ -22,7 +22,7 @@ import torch
 
 from vipkg.model import Model, ModelError
 
-__all__ = ["minibatch_guide", "draw_minibatch"]
+__all__ = ["minibatch_guide", "draw_minibatch", "datum_log_q"]
 
 
 def _take_flat(flat, shapes, axes, indices):
@@ -151,3 +151,54 @@ def draw_minibatch(model: Model, guide, generator: torch.Generator | None = None
     indices = model.subsample_indices(generator)
     model_b = model.minibatch(indices)
     return model_b, minibatch_guide(guide, model, model_b, indices)
+
+
+def datum_log_q(family, part_model: Model, model: Model, latents, stopped: bool = False) -> torch.Tensor:
+    """``log q(z_i)`` of each data point of a minibatch, ``[n, B]``: one local family's factor per datum.
+
+    Parameters
+    ----------
+    family
+        A minibatch view of a family over local sites (:func:`family_view`): an amortized family
+        (its own ``datum_log_prob``) or a :class:`~vipkg.guides.MeanFieldNormal`.
+    part_model : vipkg.Model
+        The family's (minibatch) sub-model, whose unconstrained layout the family's vector follows.
+    model : vipkg.Model
+        The minibatch model (``model.minibatch_of`` says which axis of each site is the plate's).
+    latents : mapping of str to Tensor
+        Named constrained draws ``[n, *shape]`` (they may carry a gradient path).
+    stopped : bool
+        Evaluate at the family's parameters detached (path-gradient estimators).
+    """
+    hook = getattr(family, "datum_log_prob", None)
+    if callable(hook):
+        return hook(latents, stopped=stopped)
+    from vipkg.guides.gaussian import MeanFieldNormal
+
+    axes = {k: a for k, (_, a) in (model.minibatch_of or model).local_sites.items()}
+    if not isinstance(family, MeanFieldNormal) or not all(k in axes for k in part_model.sites):
+        raise ModelError(
+            f"{type(family).__name__} does not give its log density per data point, which a bound that "
+            "weights each datum's draws (IWAE, Renyi on a minibatch) needs. Use an amortized family "
+            "(vipkg.guides.AmortizedNormal, ...) or MeanFieldNormal over the local sites."
+        )
+    loc, scale = family.loc, family.scale
+    if stopped:
+        loc, scale = loc.detach(), scale.detach()
+    out, start = None, 0
+    for k, ushape in part_model._ushapes.items():
+        numel = max(1, ushape.numel())
+        z = latents[k]
+        n = z.shape[0]
+        t = part_model._transforms[k]
+        u = z if part_model._real[k] else t.inv(z)
+        m, s = loc[start : start + numel].reshape(ushape), scale[start : start + numel].reshape(ushape)
+        start += numel
+        lq = torch.distributions.Normal(m, s, validate_args=False).log_prob(u.reshape(n, *ushape))
+        a = axes[k] + 1
+        lq = lq.movedim(a, 1).reshape(n, ushape[a - 1], -1).sum(-1)
+        if not part_model._real[k]:
+            ladj = t.log_abs_det_jacobian(u, z)
+            lq = lq - ladj.movedim(a, 1).reshape(n, ushape[a - 1], -1).sum(-1)
+        out = lq if out is None else out + lq
+    return out
