@@ -100,15 +100,18 @@ def _init_state(opt, kind: str) -> None:
                 opt.state[p]["step"] = opt.state[p]["step"].to(p.device)
 
 
+def _adam_state(state) -> tuple:
+    return state["step"], state["exp_avg"], state["exp_avg_sq"]
+
+
 def _adam(p, g, state, lr, beta1, beta2, eps, weight_decay, decoupled):
-    step = state["step"]
+    step, m, v = state
     step.add_(1)
     if weight_decay:
         if decoupled:
             p.mul_(1 - lr * weight_decay)
         else:
             g = g.add(p, alpha=weight_decay)
-    m, v = state["exp_avg"], state["exp_avg_sq"]
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     bias1 = 1 - beta1 ** step.to(p.dtype)
@@ -144,6 +147,7 @@ def functional_step(estimator, model, guide, objective, num_particles: int, opti
         )
 
     def step_impl(ps, states, lrs, hypers):
+        # states: (step, exp_avg, exp_avg_sq) of each parameter in turn, one flat tuple.
         grads, (_, loss) = torch.func.grad_and_value(loss_of, has_aux=True)(ps)
         with torch.no_grad():
             for members, lr, h in zip(groups, lrs, hypers):
@@ -152,7 +156,7 @@ def functional_step(estimator, model, guide, objective, num_particles: int, opti
                         g = grads[i] if not h[0] else grads[i].add(ps[i], alpha=h[0])
                         ps[i].sub_(lr * g)
                     else:
-                        _adam(ps[i], grads[i], states[i], lr, *h, decoupled=kind == "adamw")
+                        _adam(ps[i], grads[i], states[3 * i : 3 * i + 3], lr, *h, decoupled=kind == "adamw")
         return loss, grads
 
     # fallback_random: the same draws as eager steps with the same seed.
@@ -170,12 +174,13 @@ def functional_step(estimator, model, guide, objective, num_particles: int, opti
                 lr_values[j] = g["lr"]
         if kind == "sgd":
             hypers = tuple((g["weight_decay"],) for g in optimizer.param_groups)
-            states = tuple({} for _ in params)
+            states = ()
         else:
             hypers = tuple(
                 (g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"]) for g in optimizer.param_groups
             )
-            states = tuple(optimizer.state[p] for p in params)
+            # Read every step: loading a checkpoint replaces the optimizer's state tensors.
+            states = tuple(t for p in params for t in _adam_state(optimizer.state[p]))
         # Detached views share the parameters' storage: the in-place update moves the parameters,
         # and the compiled graph has no autograd history to keep (nothing needs a backward).
         loss, grads = compiled(tuple(p.detach() for p in params), states, tuple(lr_tensors), hypers)
@@ -189,7 +194,7 @@ def functional_step(estimator, model, guide, objective, num_particles: int, opti
         return loss
 
     def static_inputs():
-        states = () if kind == "sgd" else tuple(t for p in params for t in optimizer.state[p].values())
+        states = () if kind == "sgd" else tuple(t for p in params for t in _adam_state(optimizer.state[p]))
         return (*params, *states, *lr_tensors)
 
     step.static_inputs = static_inputs
