@@ -189,8 +189,7 @@ def functional_step(estimator, model, guide, objective, num_particles: int, opti
         # What torch's wrapped optimizer.step() records: lr schedulers check it to warn about a
         # scheduler stepped before its optimizer, which here never runs its own step().
         optimizer._opt_called = True
-        if hasattr(estimator, "after_step"):
-            _after_step(estimator)
+        _after_step(estimator)
         return loss
 
     def static_inputs():
