@@ -189,7 +189,7 @@ def functional_step(estimator, model, guide, objective, num_particles: int, opti
         # What torch's wrapped optimizer.step() records: lr schedulers check it to warn about a
         # scheduler stepped before its optimizer, which here never runs its own step().
         optimizer._opt_called = True
-        _after_step(estimator)
+        estimator.after_step()
         return loss
 
     def static_inputs():
@@ -198,12 +198,3 @@ def functional_step(estimator, model, guide, objective, num_particles: int, opti
 
     step.static_inputs = static_inputs
     return step
-
-
-def _after_step(estimator) -> None:
-    parts = getattr(estimator, "_estimators", None)
-    if callable(parts):
-        for _, est in parts():
-            est.after_step()
-    else:
-        estimator.after_step()

@@ -289,6 +289,17 @@ def check_minibatch_support(estimator, model, objective=None) -> None:
         )
 
 
+def datum_bound(objective, log_weights: torch.Tensor, rest: torch.Tensor, scale: float):
+    """A minibatch's estimate of the full per-datum bound: ``(per group [S], joint log-weights [S, K])``.
+
+    ``log_weights [S, K, B]`` are each datum's own, unscaled; ``rest [S, K]`` the log-joint terms
+    outside the plate. Each datum's bound weights its own ``K`` draws, and the estimate is
+    ``scale = N / B`` times their sum.
+    """
+    per_group = scale * objective.per_group(log_weights.transpose(-1, -2)).sum(-1) + rest.mean(-1)
+    return per_group, scale * log_weights.sum(-1) + rest
+
+
 def datum_scale(model) -> float | None:
     """``N / B`` of a minibatch model that factorizes over its data points, else None."""
     if model.minibatch_of is None:
@@ -498,9 +509,10 @@ def surrogate_parts(model, guide, objective, num_particles: int, parts):
             datum_log_q(p.family, p.model, model, d.latents, stopped=p.estimator.log_q_form == "stopped")
             for p, d in zip(parts, draws)
         )
-        lw_d = (lp_d - lq_d).reshape(*shape, -1)
-        per_group = datum * objective.per_group(lw_d.transpose(-1, -2)).sum(-1) + rest.reshape(shape).mean(-1)
-        log_w = (datum * lw_d.sum(-1) + rest.reshape(shape)).detach()
+        per_group, log_w = datum_bound(
+            objective, (lp_d - lq_d).reshape(*shape, -1), rest.reshape(shape), datum
+        )
+        log_w = log_w.detach()
     else:
         log_w = (log_p - log_q).reshape(shape)
         per_group = objective.per_group(log_w)

@@ -21,6 +21,7 @@ from vipkg.estimators.base import (
     IncompatibleEstimatorError,
     Part,
     StepInfo,
+    datum_bound,
     datum_scale,
     estimate_parts,
     named_latents,
@@ -182,11 +183,12 @@ class DReG(Estimator):
             lq_d = datum_log_q(guide, model, model, latents, stopped=True)
             lw = (lp_d - lq_d).reshape(*shape, -1)
             w = torch.softmax(lw.detach(), dim=1)  # over each data point's k draws
-            rest = rest.reshape(shape).mean(-1)
-            bound = scale * objective.per_group(lw.detach().transpose(-1, -2)).sum(-1) + rest.detach()
+            rest = rest.reshape(shape)
+            bound, log_w = datum_bound(objective, lw.detach(), rest.detach(), scale)
             lp = lp_d.reshape(lw.shape)
-            surrogate = -(scale * (w * lp - w.square() * lq_d.reshape(lw.shape)).sum((1, 2)) + rest).mean()
-            log_w = scale * lw.sum(-1) + rest.unsqueeze(-1)
+            surrogate = -(
+                scale * (w * lp - w.square() * lq_d.reshape(lw.shape)).sum((1, 2)) + rest.mean(-1)
+            ).mean()
             axes = {k: a for k, (_, a) in model.minibatch_of.local_sites.items()}
             n, B = math.prod(shape), w.shape[-1]
             weights = {k: w.reshape(n, *(1,) * axes[k], B) for k in seen}

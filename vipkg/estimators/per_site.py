@@ -170,11 +170,14 @@ class PerSite(Estimator):
     def _estimators(self) -> list[tuple[tuple[str, ...], Estimator]]:
         return self._bound[1] if self._bound is not None else list(self._given.items())
 
-    @property
-    def per_datum_bounds(self) -> bool:
+    def _every(self, attr: str) -> bool:
         # Default parts (those the guide's families choose) are resolved only with the guide.
         ests = [est for _, est in self._estimators()]
-        return bool(ests) and all(est.per_datum_bounds for est in ests)
+        return bool(ests) and all(getattr(est, attr) for est in ests)
+
+    @property
+    def per_datum_bounds(self) -> bool:
+        return self._every("per_datum_bounds")
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{_key_repr(sites)}: {est!r}" for sites, est in self._estimators())
@@ -191,22 +194,25 @@ class PerSite(Estimator):
 
     @property
     def functional(self) -> bool:
-        ests = [est for _, est in self._estimators()]
-        return bool(ests) and all(est.functional for est in ests)
+        return self._every("functional")
+
+    def _parts(self, guide) -> list[Part]:
+        return [
+            Part(est, family, sub, _name(sites))
+            for (sites, est), family, sub in zip(self._resolve(guide), guide.parts, guide.sub_models)
+        ]
 
     def surrogate(self, model, guide, objective, num_particles):
-        parts = [
-            Part(est, family, sub, _name(sites))
-            for (sites, est), family, sub in zip(self._resolve(guide), guide.parts, guide.sub_models)
-        ]
-        return surrogate_parts(model, guide, objective, num_particles, parts)
+        return surrogate_parts(model, guide, objective, num_particles, self._parts(guide))
+
+    def after_step(self) -> None:
+        """Each part's :meth:`Estimator.after_step` (``estimate`` calls them through ``estimate_parts``;
+        a functional step calls this)."""
+        for _, est in self._estimators():
+            est.after_step()
 
     def estimate(self, model, guide, objective, num_particles):
-        parts = [
-            Part(est, family, sub, _name(sites))
-            for (sites, est), family, sub in zip(self._resolve(guide), guide.parts, guide.sub_models)
-        ]
-        return estimate_parts(model, guide, objective, num_particles, parts)
+        return estimate_parts(model, guide, objective, num_particles, self._parts(guide))
 
     def state_dict(self) -> dict:
         out = {_name(sites): est.state_dict() for sites, est in self._estimators()}
