@@ -5,6 +5,8 @@ trajectory, and inductor's C++ build takes ~30 s per graph on this CPU. Compilat
 with dynamo's own counter of unique graphs.
 """
 
+import warnings
+
 import pytest
 import torch
 import torch._dynamo.utils as dynamo_utils
@@ -186,3 +188,52 @@ def test_reduce_overhead_inputs_keep_their_storage(model, monkeypatch):
     assert after == seen["before"] and len(after) == 2 + 2 * 3 + 1  # loc, raw_scale; 3 Adam tensors each; lr
     with pytest.raises(ValueError, match="reduce-overhead"):
         _fit(model, MeanFieldNormal(model, dtype=F64), vipkg.Reparam(), "fast")
+
+
+def test_a_hyper_parameter_moved_inside_a_run_of_steps_is_not_missed(model, aot_eager):
+    # Guards are checked once per run of steps; Adam's betas are compiled in as constants, so a
+    # scheduler that cycles them (OneCycleLR's momentum) must send the step back through the guards.
+    # With a stale graph the trajectory would leave the eager one at the first moved beta.
+    def sched(o):
+        return torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=12, cycle_momentum=True)
+
+    kw = {"steps": 12, "scheduler": sched, "check_every": 12}
+    eager = _fit(model, MeanFieldNormal(model, dtype=F64), vipkg.Reparam(), False, **kw)
+    compiled = _fit(model, MeanFieldNormal(model, dtype=F64), vipkg.Reparam(), True, **kw)
+    assert compiled.compile_note == "functional"
+    torch.testing.assert_close(compiled.losses, eager.losses, rtol=1e-10, atol=1e-10)
+
+
+def test_a_graph_the_cpp_wrapper_cannot_build_compiles_with_the_python_one(model, monkeypatch):
+    import vipkg._compiled as compiled_mod
+
+    real_compile, seen = torch.compile, {}
+
+    def compile_spy(fn, **kwargs):
+        options = kwargs.pop("options", {})
+        inner = real_compile(fn, backend="aot_eager", **kwargs)
+        if not options.get("cpp_wrapper"):
+            return inner
+
+        def fails(*args):
+            torch.randn(7)  # a failure after a draw: the retry must start from the same state
+            raise RuntimeError("no C shim for this fallback kernel")
+
+        return fails
+
+    real_step = compiled_mod.functional_step
+
+    def spy(*args, **kwargs):
+        seen["step"] = real_step(*args, **kwargs)
+        return seen["step"]
+
+    monkeypatch.setattr(torch, "compile", compile_spy)
+    monkeypatch.setattr(compiled_mod, "functional_step", spy)
+    torch._dynamo.reset()
+    eager = _fit(model, MeanFieldNormal(model, dtype=F64), vipkg.Reparam(), False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall back to eager steps, no warning
+        compiled = _fit(model, MeanFieldNormal(model, dtype=F64), vipkg.Reparam(), True)
+    torch._dynamo.reset()
+    assert "no C shim" in seen["step"].cpp_wrapper_error
+    torch.testing.assert_close(compiled.losses, eager.losses, rtol=1e-10, atol=1e-10)

@@ -51,6 +51,9 @@ class ELBO(Objective):
     """
 
     def per_group(self, log_weights):
+        if log_weights.shape[-1] == 1:
+            # One draw per group (the ELBO's shape): a view, not a reduction and its backward.
+            return log_weights.squeeze(-1)
         return log_weights.mean(-1)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.distributions import constraints
 
 from vipkg.model import Model, Site
-from vipkg.models._common import check_batch_size, check_form, minibatch, normal_log_prob
+from vipkg.models._common import _HALF_LOG_2PI, check_batch_size, check_form, minibatch
 
 __all__ = ["logistic_regression", "load_dataset"]
 
@@ -89,6 +91,7 @@ def logistic_regression(
     if form == "pyro":
         return Model.from_pyro(_pyro_logistic, X, y, prior_scale, batch_size, name=name)
     s = float(prior_scale)
+    prior_const = (D + 1) * (math.log(s) + _HALF_LOG_2PI)
 
     def log_joint(latents, data):
         alpha, beta = latents["alpha"], latents["beta"]
@@ -98,7 +101,9 @@ def logistic_regression(
             X, y = X[idx], y[idx]
         logits = torch.addmm(alpha.unsqueeze(0), X, beta.T)  # [N, S]
         ll = y @ logits - F.softplus(logits).sum(0)
-        prior = normal_log_prob(alpha, 0.0, s) + normal_log_prob(beta, 0.0, s).sum(-1)
+        # Both priors are N(0, s): one scaled sum of squares (two fewer ops and their backward
+        # than a log density per site, ~8% of an eager step at N = 569).
+        prior = (alpha.square() + beta.square().sum(-1)) * (-0.5 / s**2) - prior_const
         return prior + (ll if idx is None else scale * ll)
 
     def pointwise(latents, data):
