@@ -211,15 +211,15 @@ def test_a_graph_the_cpp_wrapper_cannot_build_compiles_with_the_python_one(model
 
     def compile_spy(fn, **kwargs):
         options = kwargs.pop("options", {})
-        inner = real_compile(fn, backend="aot_eager", **kwargs)
-        if not options.get("cpp_wrapper"):
-            return inner
+        compiled = real_compile(fn, backend="aot_eager", **kwargs)
+        if options.get("cpp_wrapper"):
 
-        def fails(*args):
-            torch.randn(7)  # a failure after a draw: the retry must start from the same state
-            raise RuntimeError("no C shim for this fallback kernel")
+            def fails(*args):
+                torch.randn(7)  # a failure after a draw: the retry must start from the same state
+                raise RuntimeError("no C shim for this fallback kernel")
 
-        return fails
+            compiled.aot_compile = fails
+        return compiled
 
     real_step = compiled_mod.functional_step
 
@@ -235,5 +235,6 @@ def test_a_graph_the_cpp_wrapper_cannot_build_compiles_with_the_python_one(model
         warnings.simplefilter("error")  # no fall back to eager steps, no warning
         compiled = _fit(model, MeanFieldNormal(model, dtype=F64), vipkg.Reparam(), True)
     torch._dynamo.reset()
-    assert "no C shim" in seen["step"].cpp_wrapper_error
+    step = seen["step"]
+    assert "no C shim" in step.cpp_wrapper_error and step.aot_error is None
     torch.testing.assert_close(compiled.losses, eager.losses, rtol=1e-10, atol=1e-10)

@@ -121,14 +121,86 @@ def _adam(p, g, state, lr, beta1, beta2, eps, weight_decay, decoupled):
     p.sub_(lr / bias1 * m / denom)
 
 
+class _Context:
+    """What a step reads besides its tensors. It is an argument of the compiled function, not a
+    closure, so that one compiled step serves every later fit whose context passes its guards."""
+
+    def __init__(self, wrapper, names, estimator, model, objective, num_particles, groups, kind):
+        self.wrapper, self.names, self.groups, self.kind = wrapper, names, groups, kind
+        self.estimator, self.model, self.objective = estimator, model, objective
+        self.num_particles = num_particles
+
+
+def _step_impl(ctx, ps, states, lrs, hypers):
+    """One step: the surrogate's gradient (torch.func) and the optimizer's update, in place.
+
+    ``states`` holds (step, exp_avg, exp_avg_sq) of each parameter in turn, one flat tuple.
+    """
+
+    def loss_of(ps):
+        args = (ctx.estimator, ctx.model, ctx.objective, ctx.num_particles)
+        return torch.func.functional_call(ctx.wrapper, dict(zip(ctx.names, ps)), args, strict=True)
+
+    grads, (_, loss) = torch.func.grad_and_value(loss_of, has_aux=True)(ps)
+    with torch.no_grad():
+        for members, lr, h in zip(ctx.groups, lrs, hypers):
+            for i in members:
+                if ctx.kind == "sgd":
+                    g = grads[i] if not h[0] else grads[i].add(ps[i], alpha=h[0])
+                    ps[i].sub_(lr * g)
+                else:
+                    adam_state = states[3 * i : 3 * i + 3]
+                    _adam(ps[i], grads[i], adam_state, lr, *h, decoupled=ctx.kind == "adamw")
+    return loss, grads
+
+
+# Ahead-of-time compiled steps, most recently used first, by compiler and options. Each entry keeps the
+# context it was compiled for: its guards compare objects by identity, so those objects must not
+# be freed while the entry can match (a recycled id would pass). Bounded, least recently used out.
+_COMPILED: dict[tuple, list] = {}
+_KEEP = 16
+# Graphs one fit may compile before it leaves the choice to dynamo (hyper-parameters that a
+# scheduler moves every step would otherwise compile a graph a step).
+_MAX_PER_FIT = 8
+
+
+def _restarting(aot_compile, example):
+    """``aot_compile(example)``, again when dynamo asks to restart its analysis.
+
+    Inside ``torch.compile`` dynamo catches its own ``RestartAnalysis`` (raised, e.g., to trace a
+    Python float as a constant after all) and traces again; ``aot_compile`` lets it escape.
+    """
+    from torch._dynamo.exc import RestartAnalysis
+
+    # Tracing runs on fake tensors, but whatever runs for real while compiling (or fails half way)
+    # must not move the fit's random stream: the compiled trajectory is the eager one.
+    rng = torch.get_rng_state()
+    try:
+        for _ in range(3):
+            try:
+                return aot_compile(example)
+            except RestartAnalysis:
+                continue
+        return aot_compile(example)
+    finally:
+        torch.set_rng_state(rng)
+
+
 class FunctionalStep:
     """``step() -> loss``: one compiled, functional step of ``estimator`` on ``guide`` (see the module).
 
+    The step is compiled ahead of time (``torch.compile(...).aot_compile``) and called without
+    dynamo's frame machinery: its guards are checked at the first step of each :meth:`segment`
+    (and when the optimizer's hyper-parameters move), not at every step. Where ahead-of-time
+    compilation is not available it is a plain ``torch.compile`` call, guards every step
+    (:attr:`aot_error` says why).
+
     Parameters' ``.grad`` hold the last step's estimate whenever control is back with the fit's
     hooks (after a :meth:`segment`, or after every step outside one), as an eager step leaves them.
-    ``mode="reduce-overhead"`` asks inductor for CUDA graphs: every input keeps its storage across
-    steps (the parameters' detached views, the optimizer's state tensors, the learning-rate tensors
-    filled in place), which replaying a graph needs; :meth:`static_inputs` lists them.
+    ``mode="reduce-overhead"`` asks inductor for CUDA graphs (through plain ``torch.compile``):
+    every input keeps its storage across steps (the parameters' detached views, the optimizer's
+    state tensors, the learning-rate tensors filled in place), which replaying a graph needs;
+    :meth:`static_inputs` lists them.
     """
 
     def __init__(self, estimator, model, guide, objective, num_particles: int, optimizer, mode="default"):
@@ -140,27 +212,8 @@ class FunctionalStep:
         names = tuple(f"guide.{k}" for k, _ in guide.named_parameters())
         self.params = tuple(p for _, p in guide.named_parameters())
         index = {id(p): i for i, p in enumerate(self.params)}
-        groups = [tuple(index[id(p)] for p in g["params"]) for g in optimizer.param_groups]
-
-        def loss_of(ps):
-            return torch.func.functional_call(
-                wrapper, dict(zip(names, ps)), (estimator, model, objective, num_particles), strict=True
-            )
-
-        def step_impl(ps, states, lrs, hypers):
-            # states: (step, exp_avg, exp_avg_sq) of each parameter in turn, one flat tuple.
-            grads, (_, loss) = torch.func.grad_and_value(loss_of, has_aux=True)(ps)
-            with torch.no_grad():
-                for members, lr, h in zip(groups, lrs, hypers):
-                    for i in members:
-                        if kind == "sgd":
-                            g = grads[i] if not h[0] else grads[i].add(ps[i], alpha=h[0])
-                            ps[i].sub_(lr * g)
-                        else:
-                            adam_state = states[3 * i : 3 * i + 3]
-                            _adam(ps[i], grads[i], adam_state, lr, *h, decoupled=kind == "adamw")
-            return loss, grads
-
+        groups = tuple(tuple(index[id(p)] for p in g["params"]) for g in optimizer.param_groups)
+        self._ctx = _Context(wrapper, names, estimator, model, objective, num_particles, groups, kind)
         dtype, device = self.params[0].dtype, self.params[0].device
         # fallback_random: the same draws as eager steps with the same seed.
         options = {"fallback_random": True}
@@ -171,16 +224,20 @@ class FunctionalStep:
             # 25-40 us off every step of a logistic regression (78 -> 53 us at N = 569, S = 1;
             # 251 -> 223 us at N = 10k), the same compile time and bit-identical results.
             options["cpp_wrapper"] = True
-        self._impl, self._options, self._checked = step_impl, options, False
-        self._compiled = torch.compile(step_impl, options=options)
+        self._options = options
+        # Ahead of time unless CUDA graphs are asked for (their trees live in dynamo's runtime).
+        self._aot = mode != "reduce-overhead"
+        self._plain = None  # torch.compile(_step_impl), when ahead-of-time compilation is off
+        self._compiles = 0
         self.estimator, self.optimizer = estimator, optimizer
         self._lrs = tuple(torch.zeros((), dtype=dtype, device=device) for _ in groups)
         self._lr_values = [None] * len(groups)
-        self._inputs = None  # (params, states, lrs, hypers) of the running segment
-        self._skipping = None  # the ExitStack of a segment, while its guards are skipped
+        self._run = None  # (callable, inputs) chosen for the running segment
+        self._in_segment = False
         self._grads = None
-        #: Why the C++ wrapper was given up for this step, if it was.
+        #: Why the C++ wrapper, or ahead-of-time compilation, was given up for this step.
         self.cpp_wrapper_error: str | None = None
+        self.aot_error: str | None = None
 
     def _hypers(self) -> tuple:
         if self.kind == "sgd":
@@ -194,29 +251,28 @@ class FunctionalStep:
             states = tuple(t for p in self.params for t in _adam_state(opt.state[p]))
         # Detached views share the parameters' storage: the in-place update moves the parameters,
         # and the compiled graph has no autograd history to keep (nothing needs a backward).
-        return tuple(p.detach() for p in self.params), states, self._lrs, self._hypers()
+        return self._ctx, tuple(p.detach() for p in self.params), states, self._lrs, self._hypers()
 
     @contextlib.contextmanager
     def segment(self):
         """Steps between two stops of the fit, where nothing but these steps runs.
 
-        Dynamo's guards (about 250 of them here: the estimator, model, guide and every input) cost
-        20-50 us a call on the CPU, 20-40% of a small step. Within a segment they are checked at the
-        first step, which picks (or compiles) the graph of this configuration, and skipped after it
-        (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``). That is sound because what
-        the guards protect cannot change between two steps of a segment: the objects are the fit's
-        own, a functional estimator has no state (``Estimator.functional``), the inputs are the
-        same tensors, and the learning rates are tensor inputs. The optimizer's other
-        hyper-parameters are specialized on, so a change (a scheduler cycling Adam's betas)
-        sends that step back through the guards.
+        Dynamo's guards (about 250 here: the estimator, model, guide, optimizer settings and every
+        input) and its frame machinery cost 20-50 us a call on the CPU, 20-40% of a small step.
+        Within a segment the guards are checked at the first step, which picks (or compiles) the
+        graph of this configuration, and not after it. That is sound because what they protect
+        cannot change between two steps of a segment: the objects are the fit's own, a functional
+        estimator has no state (``Estimator.functional``), the inputs are the same tensors and the
+        learning rates are tensor inputs. The optimizer's other hyper-parameters are compiled in
+        as constants, so a step that finds them moved (a scheduler cycling Adam's betas) goes
+        back through the guards.
         """
-        with contextlib.ExitStack() as stack:
-            self._skipping = stack
-            try:
-                yield
-            finally:
-                self._skipping = self._inputs = None
-                self._write_grads()
+        self._in_segment, self._run = True, None
+        try:
+            yield
+        finally:
+            self._in_segment, self._run = False, None
+            self._write_grads()
 
     def _write_grads(self) -> None:
         if self._grads is not None:
@@ -224,49 +280,65 @@ class FunctionalStep:
                 p.grad = g
             self._grads = None
 
+    def _choose(self, inputs):
+        """The compiled step whose guards ``inputs`` pass, compiled now if none does."""
+        if self._aot:
+            try:
+                return self._ahead_of_time(inputs)
+            except Exception as err:  # an API or backend without it: plain torch.compile
+                self._aot, self.aot_error = False, f"{type(err).__name__}: {err}"
+        if self._plain is None:
+            self._plain = torch.compile(_step_impl, options=self._options)
+        return self._plain
+
+    def _ahead_of_time(self, inputs):
+        # torch.compile itself is part of the key: a replaced one (a test's other backend) must not
+        # be handed another's graphs.
+        key = (torch.compile, *sorted(self._options.items()))
+        entries = _COMPILED.setdefault(key, [])
+        for i, (fn, _) in enumerate(entries):
+            if fn.guard_check(*inputs):
+                entries.insert(0, entries.pop(i))
+                return fn.fn
+        if self._compiles >= _MAX_PER_FIT:
+            raise RuntimeError(f"{_MAX_PER_FIT} graphs compiled in one fit; guards each step from here on")
+        aot_compile = torch.compile(_step_impl, fullgraph=True, options=self._options).aot_compile
+        try:
+            fn = _restarting(aot_compile, (inputs, {}))
+        except Exception as err:
+            if not self._options.get("cpp_wrapper"):
+                raise
+            # A graph the C++ wrapper cannot hold (a fallback kernel without a C shim) may still
+            # compile with the Python one.
+            self.cpp_wrapper_error = f"{type(err).__name__}: {err}"
+            self._options = {k: v for k, v in self._options.items() if k != "cpp_wrapper"}
+            return self._ahead_of_time(inputs)
+        self._compiles += 1
+        entries.insert(0, (fn, inputs[0]))
+        del entries[_KEEP:]
+        return fn.fn
+
     def __call__(self):
         for j, g in enumerate(self.optimizer.param_groups):
             if g["lr"] != self._lr_values[j]:  # a scheduler moved it: one scalar copy, no new graph
                 self._lrs[j].fill_(g["lr"])
                 self._lr_values[j] = g["lr"]
-        inputs = self._inputs
-        if inputs is None or inputs[3] != self._hypers():
+        run = self._run
+        if run is None or run[1][4] != self._hypers():
             inputs = self._gather()
-            with torch.compiler.set_stance("default"):  # with every guard (inside a skipping segment too)
-                loss, self._grads = self._first(inputs) if not self._checked else self._compiled(*inputs)
+            run = (self._choose(inputs), inputs)
             # What torch's wrapped optimizer.step() records: lr schedulers check it to warn about a
             # scheduler stepped before its optimizer, which here never runs its own step().
             self.optimizer._opt_called = True
-            if self._skipping is not None and self._inputs is None:
-                self._skipping.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
-            self._inputs = inputs if self._skipping is not None else None
-        else:
-            loss, self._grads = self._compiled(*inputs)
-        if self._skipping is None:
+            self._run = run if self._in_segment and self._aot else None
+        loss, self._grads = run[0](*run[1])
+        if not self._in_segment:
             self._write_grads()
         self.estimator.after_step()
         return loss
 
-    def _first(self, inputs):
-        """The call that compiles; without the C++ wrapper when that does not build."""
-        rng = torch.get_rng_state()
-        try:
-            out = self._compiled(*inputs)
-        except Exception as err:
-            if not self._options.get("cpp_wrapper"):
-                raise
-            # A graph the C++ wrapper cannot hold (a fallback kernel without a C shim) may still
-            # compile with the Python one; compile errors come before any kernel has run.
-            self.cpp_wrapper_error = f"{type(err).__name__}: {err}"
-            torch.set_rng_state(rng)
-            self._options = {k: v for k, v in self._options.items() if k != "cpp_wrapper"}
-            self._compiled = torch.compile(self._impl, options=self._options)
-            out = self._compiled(*inputs)
-        self._checked = True
-        return out
-
     def static_inputs(self) -> tuple:
-        _, states, lrs, _ = self._gather()
+        _, _, states, lrs, _ = self._gather()
         return (*self.params, *states, *lrs)
 
 
