@@ -15,9 +15,17 @@ again (``Cache line invalidated because L['opt'] got deallocated``). Here a step
 The torch optimizer object stays the source of truth: its ``state`` holds the moments (created
 here as torch would, so ``state_dict``, checkpoints and resuming eagerly all work), its
 ``param_groups`` the hyper-parameters, and the learning rate enters as a tensor input, so
-schedulers change it without a new graph. The compiled function closes over the estimator,
-model, objective and guide only, so a second ``fit`` of the same objects and shapes compiles
-nothing new.
+schedulers change it without a new graph. The estimator, model, objective and guide reach the
+compiled function as one argument (a context), so a second ``fit`` of the same configuration and
+shapes compiles nothing new.
+
+On a small model the step is dominated by what surrounds the kernels, not by them. Measured on
+breast-cancer logistic regression (2 CPU threads, S = 1): 107 us a call through ``torch.compile``
+with its guards; 53 us with the guards skipped and inductor's C++ wrapper; 36 us for the
+ahead-of-time compiled function called directly. So the step is compiled ahead of time
+(``torch.compile(...).aot_compile``), its guards are checked once per run of steps between the
+fit's stops (:meth:`FunctionalStep.segment`), and inductor's C++ wrapper launches the kernels on
+the CPU. ``benchmarks/bench_step.py`` compares it with a hand-written functional step and NumPyro.
 
 Estimators whose step is not a pure function of the parameters (update estimators, stateful
 control variates, annealed temperatures: ``Estimator.functional`` is False) keep the older
