@@ -314,7 +314,9 @@ class FunctionalStep:
         try:
             fn = _restarting(aot_compile, (inputs, {}))
         except Exception as err:
-            if not self._options.get("cpp_wrapper"):
+            # A graph break (a Pyro program's handlers, say) is no C++ wrapper's fault: it needs the
+            # plain path, which compiles around breaks.
+            if not self._options.get("cpp_wrapper") or isinstance(err, torch._dynamo.exc.Unsupported):
                 raise
             # A graph the C++ wrapper cannot hold (a fallback kernel without a C shim) may still
             # compile with the Python one.
