@@ -996,7 +996,7 @@ def _run(state: FitState, step, stop: int, nan_policy: str) -> None:
     """Steps ``state.step .. stop - 1`` on the device, timed, with no host read."""
     losses, sched, start = state.losses, state.scheduler, state.step
     # Losses are gathered in a list and written once per run: one indexed write a step cost
-    # 2 us, 2% of a small compiled step.
+    # 2 us, 4% of a small compiled step (47 us on breast-cancer logistic regression).
     done: list = []
     written = 0
 
