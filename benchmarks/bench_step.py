@@ -367,7 +367,7 @@ class _ChunkClock:
     ``fit`` calls ``measure`` before every ``every``-th step, outside its timed
     region, and once more after the last step; the stamps time windows of steps
     inside ONE compiled fit call, so that the compilation in its first steps can be
-    left out (a second ``fit(compile=True)`` call would compile again).
+    left out.
     """
 
     def __init__(self, every: int):
@@ -725,8 +725,9 @@ def render(results, gaps, s: Settings, mode: str, threads: int) -> str:
         "- vipkg eager: each repeat is one `vipkg.fit(..., steps=N, progress=False)` call and its "
         "time is `FitResult.ms_per_step` (fit's own timer; includes writing the loss of every step "
         f"and one host read per {CHECK_EVERY} steps).",
-        "- vipkg compiled: one `vipkg.fit(..., compile=True)` call per configuration (another call "
-        "would compile again); the windows are timed inside it with perf_counter stamps taken by a "
+        "- vipkg compiled: one `vipkg.fit(..., compile=True)` call per configuration, so that its "
+        "first steps (compilation) can be left out; the windows are timed inside it with perf_counter "
+        "stamps taken by a "
         "clock object passed as `diagnostics=` (called between fit's chunks, outside its steps).",
         "- NumPyro: `jax.jit(SVI(model, guide, numpyro.optim.Adam(0.01), Trace_ELBO(num_particles=S, "
         "vectorize_particles=True)).update)`, float32 on the CPU backend; the model has sites alpha, "
