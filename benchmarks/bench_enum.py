@@ -144,20 +144,7 @@ def time_both(model, steps, blocks):
 
 
 def run_pyro(model, steps, seed):
-    from pyro.infer import SVI, TraceEnum_ELBO
-    from pyro.infer.autoguide import AutoNormal
-    from pyro.optim import Adam
-
-    fn, args, kwargs = model.pyro_model
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    guide = AutoNormal(poutine.block(fn, expose=list(model.sites)))
-    elbo = TraceEnum_ELBO(
-        num_particles=PARTICLES,
-        vectorize_particles=True,
-        max_plate_nesting=model.enumeration.max_plate_nesting,
-    )
-    svi = SVI(fn, guide, Adam({"lr": LR}), elbo)
+    svi, guide, args, kwargs = _pyro_svi(model, seed)
     with pyro.validation_enabled(False):
         svi.step(*args, **kwargs)  # builds the guide's parameters; not timed
         t = time.perf_counter()
