@@ -165,9 +165,14 @@ def bench_hand(model, S: int, compiled: bool, s: Settings) -> Result:
     if compiled:
         torch._dynamo.reset()
         step = torch.compile(step)
-    res = Result()
-    t0 = time.perf_counter()
-    for i in range(s.warmup_compiled if compiled else s.warmup_eager):
+    return _timed(step, s.warmup_compiled if compiled else s.warmup_eager, s, time.perf_counter())
+
+
+def _timed(step, warmup: int, s: Settings, t0: float, res: Result | None = None) -> Result:
+    """``warmup`` calls of ``step() -> loss`` (timed from ``t0``, which may include compiling), then
+    ``s.reps`` timed windows of ``s.steps`` calls; first and last losses recorded."""
+    res = Result() if res is None else res
+    for i in range(warmup):
         loss = step()
         if i == 0:
             res.first_loss = float(loss)
@@ -314,18 +319,14 @@ def bench_functional(model, S: int, s: Settings, key) -> Result:
     counters.clear()
     compiled, how = _compile_functional(step, X, y, dim)
     torch.manual_seed(0)
-    state = _functional_init(dim)
-    for i in range(s.warmup_compiled):
-        *state, loss = compiled(*state, X, y)
-        if i == 0:
-            res.first_loss = float(loss)
-    res.warmup_s = time.perf_counter() - t0
-    for _ in range(s.reps):
-        t0 = time.perf_counter()
-        for _ in range(s.steps):
-            *state, loss = compiled(*state, X, y)
-        res.reps_ms.append(1e3 * (time.perf_counter() - t0) / s.steps)
-        res.last_loss = float(loss)
+    state = list(_functional_init(dim))
+
+    def one_step():
+        *new, loss = compiled(*state, X, y)
+        state[:] = new
+        return loss
+
+    _timed(one_step, s.warmup_compiled, s, t0, res)
     graphs = counters["stats"]["unique_graphs"]  # 1: compiled once, no recompiles while timed
     FUNCTIONAL_COMPILE[key] = f"{how}, {graphs} graph{'s' * (graphs != 1)}"
     chk = FUNCTIONAL_CHECKS[key] = check_functional(compiled, step, X, y, S, how)
