@@ -520,7 +520,10 @@ class Model:
         latents: dict[str, torch.Tensor] = {}
         ladj = u.new_zeros(S) if with_ladj else None
         for (name, t), part in zip(self._transforms.items(), parts):
-            v = part.reshape(S, *self._ushapes[name])
+            shape = self._ushapes[name]
+            # A vector site's slice already has its shape; a reshape would add a view and its
+            # backward node to every step.
+            v = part if part.shape[1:] == shape else part.reshape(S, *shape)
             if self._real[name]:
                 latents[name] = v
                 continue

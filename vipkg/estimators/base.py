@@ -333,10 +333,17 @@ def named_latents(guide, model, z, shape, log_q) -> tuple[dict, torch.Tensor]:
     """
     shape = torch.Size(shape)
     n = math.prod(shape)
-    log_q = log_q.reshape(n)
-    if isinstance(z, dict):
-        return {k: v.reshape(n, *v.shape[len(shape) :]) for k, v in z.items()}, log_q
-    flat = z.reshape(n, *z.shape[len(shape) :])
+    if len(shape) == 1:
+        # Already flat (one draw per group): no reshape, whose view and backward node every
+        # step would pay for.
+        if isinstance(z, dict):
+            return z, log_q
+        flat = z
+    else:
+        log_q = log_q.reshape(n)
+        if isinstance(z, dict):
+            return {k: v.reshape(n, *v.shape[len(shape) :]) for k, v in z.items()}, log_q
+        flat = z.reshape(n, *z.shape[len(shape) :])
     if not guide.unconstrained:
         return guide.constrain(model, flat), log_q
     if model._identity:
@@ -480,7 +487,11 @@ def surrogate_parts(model, guide, objective, num_particles: int, parts):
     n = math.prod(shape)
     for p in parts:
         p.estimator.check_particles(num_particles)
-    draws = [_scaled(p.family, p.estimator.draw(p.family, p.model, shape)) for p in parts]
+    # One draw per group is drawn flat, [S] not [S, 1] (the same random numbers in the same
+    # order): no reshape to [N] and back, each a view and a backward node every step.
+    flat = shape[-1] == 1
+    drawn = shape[:-1] if flat else shape
+    draws = [_scaled(p.family, p.estimator.draw(p.family, p.model, drawn)) for p in parts]
     latents, log_q = {}, None
     for d in draws:
         latents.update(d.latents)
@@ -513,6 +524,10 @@ def surrogate_parts(model, guide, objective, num_particles: int, parts):
             objective, (lp_d - lq_d).reshape(*shape, -1), rest.reshape(shape), datum
         )
         log_w = log_w.detach()
+    elif flat and type(objective) is ELBO:
+        # The ELBO of one draw per group is its log-weight.
+        per_group = log_p - log_q
+        log_w = per_group.detach().unsqueeze(-1)
     else:
         log_w = (log_p - log_q).reshape(shape)
         per_group = objective.per_group(log_w)
