@@ -22,8 +22,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from vipkg._adam import lean_step
 from vipkg._rng import seeded
-from vipkg.estimators.base import check_minibatch_support, check_trains_model
+from vipkg.estimators.base import Estimator, check_minibatch_support, check_trains_model
 from vipkg.model import ModelError
 from vipkg.objectives import ELBO, Objective
 
@@ -943,16 +944,30 @@ def _make_step(state: FitState, nan_policy: str, compile: bool):
         state.optimizer,
     )
 
+    if type(est).step is Estimator.step and not compile:
+        # Not under torch.compile, which traces opt.step() itself (its own functional form).
+        update = lean_step(opt)
+
+        def advance(m, g):
+            # Estimator.step with the optimizer's update in its lean form (vipkg._adam).
+            loss = est.estimate(m, g, obj, S).loss
+            update()
+            return loss
+
+    else:
+
+        def advance(m, g):
+            return est.step(m, g, obj, S, opt).loss
+
     def step_fn():
-        return est.step(model, guide, obj, S, opt).loss
+        return advance(model, guide)
 
     if model.is_subsampled:
         from vipkg.guides.minibatch import draw_minibatch
 
         def step_fn():
             # A fresh minibatch from the fit's (seeded, checkpointed) RNG stream every step.
-            mb, gb = draw_minibatch(model, guide)
-            return est.step(mb, gb, obj, S, opt).loss
+            return advance(*draw_minibatch(model, guide))
 
     if compile:
         from vipkg._compiled import functional_step, why_not_functional
