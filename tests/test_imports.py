@@ -46,10 +46,12 @@ PARTS = (
     "vipkg.__main__",
     "vipkg._io",
     "vipkg._rng",
+    "vipkg._adam",
 )
 
-#: Leaf utilities (atomic writes, seeded RNG): they import nothing of vipkg and anyone may import them.
-UTILITIES = {"vipkg._io", "vipkg._rng"}
+#: Leaf utilities (atomic writes, seeded RNG, the eager Adam update): they import nothing of vipkg
+#: and anyone may import them.
+UTILITIES = {"vipkg._io", "vipkg._rng", "vipkg._adam"}
 
 _EVERYTHING = set(PARTS) - {"vipkg.__main__"}
 
