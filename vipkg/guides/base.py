@@ -109,6 +109,9 @@ class Guide(nn.Module):
 
     def log_joint(self, model, z: torch.Tensor) -> torch.Tensor:
         """log p(x, z) of the model for draws ``z: [*batch, dim]`` of this guide; shape ``batch``."""
+        if z.dim() == 2:
+            # Already [n, dim]: no reshapes, whose views and backward nodes every score would pay.
+            return model.log_joint_unconstrained(z)
         batch = z.shape[:-1]
         return model.log_joint_unconstrained(z.reshape(-1, z.shape[-1])).reshape(batch)
 
