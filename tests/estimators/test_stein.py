@@ -57,14 +57,15 @@ def test_direction_matches_pairwise_autograd(kernel):
     )
 
 
-def test_mirrored_direction_matches_pairwise_autograd():
+@pytest.mark.parametrize("kernel", [IMQ(), RBF(), RBF(0.7)], ids=repr)
+def test_mirrored_direction_matches_pairwise_autograd(kernel):
     g = torch.Generator().manual_seed(1)
     m = EntropicSimplex()
     x = m.to_full(torch.randn(6, 4, generator=g, dtype=F64))
     theta, s = m.primal(x), torch.randn(6, 4, generator=g, dtype=F64)
     a, b = m.inv_hessian(x)
-    got = mirrored_svgd_direction(theta, s, IMQ(), (a, b))
-    torch.testing.assert_close(got, _brute_force(theta, s, IMQ(), (a, b)), rtol=1e-10, atol=1e-12)
+    got = mirrored_svgd_direction(theta, s, kernel, (a, b))
+    torch.testing.assert_close(got, _brute_force(theta, s, kernel, (a, b)), rtol=1e-10, atol=1e-12)
 
 
 def test_median_bandwidth_is_med_squared_over_log_n():
