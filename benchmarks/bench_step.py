@@ -173,8 +173,9 @@ def _neg_elbo(loc, raw_scale, eps, X, y) -> torch.Tensor:
     scale = F.softplus(raw_scale)
     z = loc + scale * eps  # [S, 1 + D]: alpha, beta
     alpha, beta = z[:, 0], z[:, 1:]
-    logits = X @ beta.T + alpha  # [N, S]
-    log_lik = y @ logits - F.softplus(logits).sum(0)  # Bernoulli(logits) summed over data
+    # The Bernoulli-logit likelihood written as vipkg's zoo model writes it (same kernels).
+    logits = torch.addmm(alpha.unsqueeze(0), X, beta.T)  # [N, S]
+    log_lik = (y.unsqueeze(-1) * logits - F.softplus(logits)).sum(0)  # summed over data
     log_prior = -0.5 * z.pow(2).sum(-1) - dim * HALF_LOG_2PI
     log_q = -0.5 * eps.pow(2).sum(-1) - dim * HALF_LOG_2PI - scale.log().sum()
     return -(log_prior + log_lik - log_q).mean()
@@ -764,7 +765,8 @@ def render(results, gaps, s: Settings, mode: str, threads: int) -> str:
         "",
         "- hand eager / compiled: plain PyTorch, parameters `loc` and `raw_scale` (softplus), "
         "`z = loc + scale * eps`, log joint = N(0, 1) priors on alpha and beta + Bernoulli-logit "
-        "likelihood with `X @ beta.T + alpha`, log q from eps; `loss.backward(); adam.step()`. "
+        "likelihood with `addmm(alpha, X, beta.T)` and `(y * logits - softplus(logits)).sum(0)` "
+        "(as the zoo model writes it), log q from eps; `loss.backward(); adam.step()`. "
         "Compiled: the whole step function in `torch.compile` (default mode). `torch.optim.Adam` "
         "with its defaults (the foreach path), except `hand eager, fused Adam` (`fused=True`, "
         "the kernel vipkg.fit's Adam uses): the last target column separates what vipkg's "

@@ -111,7 +111,8 @@ def bench_hand(model, n: int, s: Settings) -> Timing:
     def log_joint(w):
         alpha, beta = w[:, 0], w[:, 1:]
         logits = torch.addmm(alpha.unsqueeze(0), X, beta.T)
-        return y @ logits - F.softplus(logits).sum(0) - 0.5 * w.square().sum(-1)
+        # The likelihood as vipkg's zoo model writes it (the same kernels).
+        return (y.unsqueeze(-1) * logits - F.softplus(logits)).sum(0) - 0.5 * w.square().sum(-1)
 
     def step():
         w = x.detach().requires_grad_(True)

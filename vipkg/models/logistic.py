@@ -100,7 +100,10 @@ def logistic_regression(
         if idx is not None:
             X, y = X[idx], y[idx]
         logits = torch.addmm(alpha.unsqueeze(0), X, beta.T)  # [N, S]
-        ll = y @ logits - F.softplus(logits).sum(0)
+        # Elementwise, then one sum: under torch.compile this is one fused kernel, where
+        # `y @ logits` was an extern matrix product whose backward copied an [N, S] buffer
+        # (a third of a compiled step at N = 10^4, S = 1); eager it measured no slower.
+        ll = (y.unsqueeze(-1) * logits - F.softplus(logits)).sum(0)
         # Both priors are N(0, s): one scaled sum of squares (two fewer ops and their backward
         # than a log density per site, ~8% of an eager step at N = 569).
         prior = (alpha.square() + beta.square().sum(-1)) * (-0.5 / s**2) - prior_const
