@@ -131,17 +131,27 @@ def _mixture_model():
 
 
 def test_mixture_1d_from_far_init_matches_moments():
-    """Liu & Wang's figure 1: 100 particles from N(-10, 1) cover 1/3 N(-2, 1) + 2/3 N(2, 1)."""
+    """Liu & Wang's figure 1: 100 particles from N(-10, 1) cover 1/3 N(-2, 1) + 2/3 N(2, 1).
+
+    Which mode a particle reaches is chaotic in its start (a rounding change moves one or two
+    particles), so the moments are averaged over four starts: over ten starts the single-start
+    mean ranged over 0.61-0.72 (sd ~0.035), the four-start average has sd ~0.02; 0.05 is ~2.5 sd
+    and a wrong mode split (1/2 gives a mean of 0) is 13 sd away.
+    """
     model = _mixture_model()
-    x0 = -10 + torch.randn(100, 1, generator=torch.Generator().manual_seed(0), dtype=F64)
-    guide = Particles(model, particles=x0)
-    vipkg.fit(model, guide, SVGD(), steps=1000, optimizer=_rmsprop(0.1), progress=False)
-    x = guide.particles.detach()[:, 0]
+    means, squares = [], []
+    for seed in range(4):
+        x0 = -10 + torch.randn(100, 1, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        guide = Particles(model, particles=x0)
+        vipkg.fit(model, guide, SVGD(), steps=1000, optimizer=_rmsprop(0.1), progress=False)
+        x = guide.particles.detach()[:, 0]
+        means.append(float(x.mean()))
+        squares.append(float(x.square().mean()))
+        # both modes are populated in about the right proportion, from every start
+        assert 0.25 < float((x < 0).double().mean()) < 0.42, seed
     # exact: E[x] = -2/3 + 4/3 = 2/3, E[x^2] = 1 + 4 = 5
-    assert abs(float(x.mean()) - 2 / 3) < 0.05
-    assert abs(float(x.square().mean()) - 5.0) < 0.25
-    # both modes are populated in about the right proportion
-    assert 0.25 < float((x < 0).double().mean()) < 0.42
+    assert abs(sum(means) / 4 - 2 / 3) < 0.05, means
+    assert abs(sum(squares) / 4 - 5.0) < 0.15, squares
 
 
 def test_correlated_gaussian_2d():
