@@ -27,6 +27,12 @@ How to run::
     python benchmarks/bench_step.py            # full run (~10 min on 2 cores), writes results/step.md
     python benchmarks/bench_step.py --quick    # smoke run with few steps, writes nothing
     python benchmarks/bench_step.py --quick --out /tmp/step.md
+    python benchmarks/bench_step.py --device cuda   # on a GPU machine, writes results/step_cuda.md
+
+With ``--device cuda`` every PyTorch configuration runs on the GPU, windows are timed between
+``torch.cuda.synchronize()`` calls, and the compiled configurations (the hand-written
+functional step and vipkg's) use ``mode="reduce-overhead"`` (CUDA graphs); NumPyro runs on
+JAX's default backend.
 
 ``benchmarks/collect_results.py`` then folds results/step.md into benchmarks/RESULTS.md.
 
@@ -67,6 +73,7 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 TARGET_EAGER = 1.10
 TARGET_COMPILED = 1.10
 PARTICLES = (1, 16)
+DEVICE = torch.device("cpu")  # set by main (--device)
 MODELS = {
     "synthetic N=10000 D=50": dict(dataset="synthetic", n=10_000, d=50),
     "breast_cancer N=569 D=30": dict(dataset="breast_cancer"),
@@ -152,19 +159,29 @@ def run_interleaved(benches: dict, s: Settings, label: str = "") -> dict:
 
 
 # --------------------------------------------------------------------------- hand-written
+def _sync() -> None:
+    # CUDA kernels run asynchronously: a window's clock stops once its last step has run.
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def _compile_mode() -> str | None:
+    return "reduce-overhead" if DEVICE.type == "cuda" else None
+
+
 def _inverse_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
 
 
 def _hand_params(dim: int):
-    loc = torch.zeros(dim, requires_grad=True)
-    raw_scale = torch.full((dim,), _inverse_softplus(INIT_SCALE), requires_grad=True)
+    loc = torch.zeros(dim, device=DEVICE, requires_grad=True)
+    raw_scale = torch.full((dim,), _inverse_softplus(INIT_SCALE), device=DEVICE, requires_grad=True)
     return loc, raw_scale
 
 
 def _hand_loss(loc, raw_scale, X, y, S: int) -> torch.Tensor:
     """Minus the ELBO of logistic regression with N(0, 1) priors, S reparameterized draws."""
-    return _neg_elbo(loc, raw_scale, torch.randn(S, loc.shape[0], dtype=loc.dtype), X, y)
+    return _neg_elbo(loc, raw_scale, torch.randn(S, loc.shape[0], dtype=loc.dtype, device=loc.device), X, y)
 
 
 def _neg_elbo(loc, raw_scale, eps, X, y) -> torch.Tensor:
@@ -212,9 +229,11 @@ def _windows(step, warmup: int, s: Settings, t0: float, res: Result | None = Non
     res.warmup_s = time.perf_counter() - t0
 
     def window():
+        _sync()
         t0 = time.perf_counter()
         for _ in range(s.steps):
             loss = step()
+        _sync()
         res.reps_ms.append(1e3 * (time.perf_counter() - t0) / s.steps)
         res.last_loss = float(loss)
 
@@ -233,12 +252,15 @@ FUNCTIONAL_CHECKS: dict = {}
 
 def _functional_init(dim: int):
     """(params, exp_avg, exp_avg_sq, step) for the functional step; same init as _hand_params."""
-    params = (torch.zeros(dim), torch.full((dim,), _inverse_softplus(INIT_SCALE)))
+    params = (
+        torch.zeros(dim, device=DEVICE),
+        torch.full((dim,), _inverse_softplus(INIT_SCALE), device=DEVICE),
+    )
     exp_avg = tuple(torch.zeros_like(p) for p in params)
     exp_avg_sq = tuple(torch.zeros_like(p) for p in params)  # not aliased: dynamo guards on aliasing
     # float64 step count: the bias corrections are computed in double, as torch.optim.Adam
     # does with Python floats; a 0-d float64 tensor does not promote the float32 parameters.
-    return params, exp_avg, exp_avg_sq, torch.zeros((), dtype=torch.float64)
+    return params, exp_avg, exp_avg_sq, torch.zeros((), dtype=torch.float64, device=DEVICE)
 
 
 def _make_functional_step(S: int):
@@ -254,7 +276,7 @@ def _make_functional_step(S: int):
     grad_and_loss = torch.func.grad_and_value(lambda params, eps, X, y: _neg_elbo(*params, eps, X, y))
 
     def step(params, exp_avg, exp_avg_sq, t, X, y):
-        eps = torch.randn(S, params[0].shape[0], dtype=params[0].dtype)
+        eps = torch.randn(S, params[0].shape[0], dtype=params[0].dtype, device=params[0].device)
         grads, loss = grad_and_loss(params, eps, X, y)
         t = t + 1
         step_size = LR / (1 - b1**t)
@@ -276,12 +298,13 @@ def _compile_functional(step, X, y, dim: int):
     # No torch._dynamo.reset() here: it would drop the compiled configurations prepared
     # before this one (main resets once per setting).
     try:
-        compiled = torch.compile(step, fullgraph=True)
+        compiled = torch.compile(step, fullgraph=True, mode=_compile_mode())
         compiled(*_functional_init(dim), X, y)  # compiles here; a graph break raises
         return compiled, "fullgraph=True"
     except Exception as err:
         why = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-        return torch.compile(step), f"fullgraph=True failed ({why}); compiled with graph breaks"
+        how = f"fullgraph=True failed ({why}); compiled with graph breaks"
+        return torch.compile(step, mode=_compile_mode()), how
 
 
 def _trajectory(step, X, y, dim: int, steps: int) -> list[float]:
@@ -393,7 +416,7 @@ def bench_vipkg_eager(model, S: int, s: Settings):
     torch.manual_seed(0)
     guide = vipkg.guides.MeanFieldNormal(model, init_scale=INIT_SCALE)
     est = vipkg.Reparam()
-    kw = dict(num_particles=S, lr=LR, progress=False, compile=False)
+    kw = dict(num_particles=S, lr=LR, progress=False, compile=False, device=DEVICE)
     res = Result()
     r = vipkg.fit(model, guide, est, steps=s.warmup_eager, seed=0, **kw)
     res.first_loss, res.warmup_s = float(r.losses[0]), r.elapsed
@@ -418,7 +441,7 @@ def bench_vipkg_compiled(model, S: int, s: Settings):
     counters.clear()
     torch.manual_seed(0)
     guide = vipkg.guides.MeanFieldNormal(model, init_scale=INIT_SCALE)
-    kw = dict(num_particles=S, lr=LR, progress=False, compile=True)
+    kw = dict(num_particles=S, lr=LR, progress=False, compile=_compile_mode() or True, device=DEVICE)
     res = Result()
 
     def fit(steps, seed):
@@ -458,6 +481,7 @@ def bench_pyro(model, S: int, s: Settings):
     from pyro.infer.autoguide import AutoNormal
 
     fn, args, kwargs = model.pyro_model
+    args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     guide = AutoNormal(fn, init_scale=INIT_SCALE)
@@ -472,6 +496,7 @@ def bench_pyro(model, S: int, s: Settings):
     res.warmup_s = time.perf_counter() - t0
 
     def window():
+        _sync()
         t0 = time.perf_counter()
         for _ in range(s.steps_pyro):
             loss = svi.step(*args, **kwargs)  # returns a float: one host read per step
@@ -502,8 +527,10 @@ def bench_numpyro(model, S: int, s: Settings):
     except ImportError:
         return Result(status="not installed"), None
 
-    X = jax.device_put(jnp.asarray(model.data["X"].numpy(), dtype=jnp.float32), jax.devices("cpu")[0])
-    y = jax.device_put(jnp.asarray(model.data["y"].numpy(), dtype=jnp.float32), jax.devices("cpu")[0])
+    # JAX's CPU backend unless the PyTorch configurations run on a GPU: then its default one.
+    jdev = jax.devices()[0] if DEVICE.type == "cuda" else jax.devices("cpu")[0]
+    X = jax.device_put(jnp.asarray(model.data["X"].cpu().numpy(), dtype=jnp.float32), jdev)
+    y = jax.device_put(jnp.asarray(model.data["y"].cpu().numpy(), dtype=jnp.float32), jdev)
     dim = X.shape[1] + 1
 
     def np_model(X, y):
@@ -556,7 +583,7 @@ def same_elbo_gap(model, S: int = 4) -> float:
     """Largest |vipkg loss - hand-written loss| over a few seeds at the initial guide."""
     import vipkg
 
-    guide = vipkg.guides.MeanFieldNormal(model, init_scale=INIT_SCALE)
+    guide = vipkg.guides.MeanFieldNormal(model, init_scale=INIT_SCALE).to(DEVICE)
     loc, raw_scale = _hand_params(guide.dim)
     X, y = model.data["X"], model.data["y"]
     gap = 0.0
@@ -593,6 +620,13 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return f"{name or platform.machine()} ({os.cpu_count()} logical CPUs)"
+
+
+def _device_name() -> str:
+    if DEVICE.type == "cuda":
+        name = f"{torch.cuda.get_device_name(DEVICE)} (CUDA {torch.version.cuda})"
+        return f"{name}; compiled configurations with mode='reduce-overhead'"
+    return "cpu"
 
 
 def _short(status: str) -> str:
@@ -665,6 +699,7 @@ def render(results, gaps, s: Settings, mode: str, threads: int) -> str:
         f"Python {platform.python_version()}; "
         + (np_versions or "NumPyro not installed (`pip install -e '.[bench]'`)"),
         f"- CPU: {_cpu_name()}",
+        f"- Device: {_device_name()}",
         f"- Threads: torch.set_num_threads({threads}) for every PyTorch configuration "
         f"(env `{THREADS_ENV}`); OMP_PROC_BIND={os.environ.get('OMP_PROC_BIND')}, "
         f"OMP_PLACES={os.environ.get('OMP_PLACES')}; XLA (NumPyro) uses its own CPU thread pool.",
@@ -830,9 +865,20 @@ def main(argv=None) -> int:
         default=None,
         help="markdown report path (default: benchmarks/results/step.md for a full run, none for --quick)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where the PyTorch configurations run (cuda: report results/step_cuda.md)",
+    )
     a = p.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(a.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False on this machine")
     s = QUICK if a.quick else FULL
-    out = a.out if a.out is not None or a.quick else os.path.join(here, "results", "step.md")
+    report = "step.md" if DEVICE.type == "cpu" else "step_cuda.md"
+    out = a.out if a.out is not None or a.quick else os.path.join(here, "results", report)
     threads = int(os.environ.get(THREADS_ENV, "2"))
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*is deprecated")
@@ -843,7 +889,7 @@ def main(argv=None) -> int:
     results: dict = {}
     gaps: dict = {}
     for name, spec in MODELS.items():
-        model = vipkg.models.logistic_regression(**spec)
+        model = vipkg.models.logistic_regression(**spec).to(device=DEVICE)
         gaps[name.split()[0]] = same_elbo_gap(model)
         for S in PARTICLES:
             key = (name, S)

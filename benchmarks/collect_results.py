@@ -16,6 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 ORDER = [
     "step",
+    "step_cuda",
     "path",
     "rsvi",
     "score",
@@ -48,7 +49,8 @@ def main() -> int:
         # Demote headings one level and point relative image links into results/.
         text = re.sub(r"^(#+) ", r"#\1 ", text, flags=re.M)
         text = re.sub(r"\]\((?!https?:|results/)([^)]+\.png)\)", r"](results/\1)", text)
-        parts += [f"<!-- from results/{name}.md (benchmarks/bench_{name}.py) -->", text, ""]
+        script = name.removesuffix("_cuda")  # bench_step.py --device cuda writes step_cuda.md
+        parts += [f"<!-- from results/{name}.md (benchmarks/bench_{script}.py) -->", text, ""]
     atomic_write_bytes(HERE / "RESULTS.md", "\n".join(parts).encode())
     print(f"wrote {HERE / 'RESULTS.md'} from {', '.join(names)}")
     return 0
