@@ -169,6 +169,14 @@ def _compile_mode() -> str | None:
     return "reduce-overhead" if DEVICE.type == "cuda" else None
 
 
+def _step_begin() -> None:
+    # Under CUDA graphs a replay reuses its outputs' memory: each call of the functional step
+    # is marked as a new iteration, so that the previous state (this call's inputs) is copied
+    # in rather than overwritten.
+    if DEVICE.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def _inverse_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
 
@@ -312,8 +320,9 @@ def _trajectory(step, X, y, dim: int, steps: int) -> list[float]:
     state = _functional_init(dim)
     losses = []
     for _ in range(steps):
+        _step_begin()
         *state, loss = step(*state, X, y)
-        losses.append(loss)
+        losses.append(loss.clone())  # a CUDA graph's next replay would overwrite it
     return [float(v) for v in losses]
 
 
@@ -388,6 +397,7 @@ def bench_functional(model, S: int, s: Settings, key):
     state = list(_functional_init(dim))
 
     def one_step():
+        _step_begin()
         *new, loss = compiled(*state, X, y)
         state[:] = new
         return loss
