@@ -136,7 +136,7 @@ def test_mixture_1d_from_far_init_matches_moments():
     Which mode a particle reaches is chaotic in its start (a rounding change moves one or two
     particles), so the moments are averaged over four starts: over ten starts the single-start
     mean ranged over 0.61-0.72 (sd ~0.035), the four-start average has sd ~0.02; 0.05 is ~2.5 sd
-    and a wrong mode split (1/2 gives a mean of 0) is 13 sd away.
+    and a wrong mode split (1/2 gives a mean of 0) is ~30 sd away.
     """
     model = _mixture_model()
     means, squares = [], []
